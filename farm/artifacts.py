@@ -1,0 +1,110 @@
+"""Model and LoRA files: where a spec's reference points, whether it is safe to load, its hash.
+
+Content hashes (not paths) identify models and LoRAs in task ids, so a renamed file renders
+nothing twice and a re-trained file with the same name renders again. Hashing a 7 GB SDXL
+checkpoint takes a while, so hashes are cached by (path, size, mtime).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .errors import LoraError, ModelError
+from .tiny import cache_dir, is_tiny, resolve_tiny
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+_HASH_CACHE_NAME = "sha256-cache.json"
+
+
+def _refuse_pickle(path: Path, error: type[Exception]) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise error(f"{path}: {path.suffix} files are Python pickles that can run code when loaded; "
+                    "convert it to .safetensors")
+
+
+def resolve_model(reference: str, base: Path) -> Path:
+    """A model reference (`tiny:sdxl`, a diffusers folder or a `.safetensors` file) → its path."""
+    if is_tiny(reference):
+        return resolve_tiny(reference)
+    path = (base / reference).expanduser().resolve()
+    _refuse_pickle(path, ModelError)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"{path}: not a diffusers model folder (no model_index.json)")
+        return path
+    if not path.exists():
+        raise ModelError(f"{path}: model not found")
+    if path.suffix.lower() != ".safetensors":
+        raise ModelError(f"{path}: a model is a diffusers folder or a .safetensors checkpoint")
+    return path
+
+
+def resolve_lora(reference: str, base: Path) -> Path:
+    """A LoRA reference (`tiny:lora/NAME` or a `.safetensors` path) → its path."""
+    if is_tiny(reference):
+        return resolve_tiny(reference)
+    path = (base / reference).expanduser().resolve()
+    _refuse_pickle(path, LoraError)
+    if path.suffix.lower() != ".safetensors":  # A1111 tags name LoRAs without the extension
+        path = path.with_name(path.name + ".safetensors")
+    if not path.is_file():
+        raise LoraError(f"{path}: LoRA file not found")
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _model_files(folder: Path) -> list[Path]:
+    """What determines a diffusers folder's output: weights, configs and tokenizer files."""
+    keep = {".safetensors", ".json", ".txt", ".model"}
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in keep
+                  and not p.name.startswith("."))
+
+
+class HashCache:
+    """sha256 of files, remembered by (path, size, mtime) in a JSON file next to the tiny cache."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or cache_dir().parent / _HASH_CACHE_NAME
+        try:
+            self.entries: dict = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.dirty = False
+
+    def file(self, path: Path) -> str:
+        stat = path.stat()
+        key = str(path.resolve())
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        entry = self.entries.get(key)
+        if entry and entry["stamp"] == stamp:
+            return entry["sha256"]
+        value = sha256_file(path)
+        self.entries[key] = {"stamp": stamp, "sha256": value}
+        self.dirty = True
+        return value
+
+    def model(self, path: Path) -> str:
+        """A file's sha256, or for a folder the sha256 of its files' relative names and hashes."""
+        if path.is_file():
+            return self.file(path)
+        listing = [f"{p.relative_to(path).as_posix()} {self.file(p)}" for p in _model_files(path)]
+        return hashlib.sha256("\n".join(listing).encode()).hexdigest()
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(self.entries))
+        os.replace(tmp, self.path)
+        self.dirty = False

@@ -1,0 +1,35 @@
+"""The farm's exception tree.
+
+    FarmError                 a user-facing problem: the CLI prints its one-line message, exit 2
+    ├── SpecError             a job spec is malformed ("jobs/x.yaml: axes.lora[2].strength: ...")
+    ├── ModelError            a model folder / checkpoint cannot be used
+    ├── LoraError             a LoRA file cannot be used (only its tasks fail)
+    ├── SamplerError          a sampler name has no diffusers scheduler
+    └── ManifestError         a run folder's manifest cannot be read or written
+
+Anything that is not a FarmError is a bug in the farm and keeps its traceback.
+"""
+
+
+class FarmError(Exception):
+    """A problem the user can fix; its message is one line and names the file or field."""
+
+
+class SpecError(FarmError):
+    pass
+
+
+class ModelError(FarmError):
+    pass
+
+
+class LoraError(FarmError):
+    pass
+
+
+class SamplerError(FarmError):
+    pass
+
+
+class ManifestError(FarmError):
+    pass

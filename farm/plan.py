@@ -1,0 +1,264 @@
+"""Spec → tasks: the axes' product as small frozen records with deterministic ids.
+
+A task's id is a hash of everything that determines its pixels (model and LoRA *content* hashes,
+prompt, negative, seed, sampler, steps, cfg, size, strengths), so resume and de-duplication fall
+out: two grid cells that would render the same image are one task carrying both cells, and a
+task whose id already has an `ok` row in the manifest is not rendered again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import random
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .artifacts import HashCache, resolve_lora, resolve_model
+from .errors import FarmError, SpecError
+from .spec import RenderJob
+
+# Bump when the renderer changes in a way that changes pixels for the same settings.
+RENDER_VERSION = 1
+_LORA_TAG = re.compile(r"<lora:([^>]+?)(?::(-?[0-9.]+))?>")
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """One LoRA applied to an image: its display name, file, content hash and strength."""
+
+    name: str
+    path: str
+    sha256: str
+    strength: float
+
+
+Cell = tuple[tuple[str, str], ...]  # ((axis, label), ...): one grid cell's coordinates
+
+
+@dataclass(frozen=True)
+class Task:
+    """One image to render. Everything a render actor needs travels in this record."""
+
+    task_id: str
+    job: str
+    model: str
+    model_path: str
+    model_sha256: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    cfg: float
+    sampler: str
+    width: int
+    height: int
+    loras: tuple[LoraUse, ...]
+    cells: tuple[Cell, ...]
+    order: int
+
+    @property
+    def group(self) -> tuple:
+        """Tasks in one group render on a pipeline without loading anything new."""
+        return (self.model_sha256, tuple(sorted(lora.sha256 for lora in self.loras)))
+
+    @property
+    def title(self) -> str:
+        """A readable name for the dashboard and logs: `lora=e7 prompt=photo of a man`."""
+        return " ".join(f"{axis}={label[:24]}" for axis, label in self.cells[0]) or self.task_id[:12]
+
+
+@dataclass
+class Plan:
+    """The tasks of a job in render order, plus what was decided while expanding it."""
+
+    job: RenderJob
+    tasks: list[Task]
+    seeds: dict[str, int] = field(default_factory=dict)  # resolved `-1` seeds by spec location
+    folded: int = 0  # grid cells that share an image with another cell
+
+    @property
+    def groups(self) -> list[tuple]:
+        return list(dict.fromkeys(task.group for task in self.tasks))
+
+
+def task_id_of(fields: dict) -> str:
+    """sha256 of the output-determining fields, canonical JSON, 24 hex digits."""
+    payload = json.dumps({"render_version": RENDER_VERSION, **fields}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def resolve_seeds(job: RenderJob, recorded: dict[str, int] | None = None) -> tuple[RenderJob, dict[str, int]]:
+    """Replace each `-1` seed with a random one, reusing `recorded` ones so a resumed run matches."""
+    recorded = dict(recorded or {})
+    used: dict[str, int] = {}
+
+    def pick(location: str, value: int) -> int:
+        if value != -1:
+            return value
+        used[location] = recorded.get(location, random.SystemRandom().randint(0, 2**32 - 1))
+        return used[location]
+
+    defaults = job.defaults.model_copy(update={"seed": pick("defaults.seed", job.defaults.seed)})
+    axes = job.axes
+    if axes.seed:
+        seeds = [pick(f"axes.seed[{i}]", s) for i, s in enumerate(axes.seed)]
+        axes = axes.model_copy(update={"seed": seeds})
+    return job.model_copy(update={"defaults": defaults, "axes": axes}), used
+
+
+class _Expander:
+    """Turns one job into tasks; resolves and hashes each model/LoRA file once."""
+
+    def __init__(self, job: RenderJob, spec_dir: Path, source: str, hashes: HashCache):
+        self.job, self.spec_dir, self.source, self.hashes = job, spec_dir, source, hashes
+        self.lora_dir = (spec_dir / job.lora_dir) if job.lora_dir else spec_dir
+        self._models: dict[str, tuple[str, str]] = {}
+        self._loras: dict[tuple[Path, str], tuple[str, str]] = {}
+
+    def fail(self, where: str, message: str) -> SpecError:
+        return SpecError(f"{self.source}: {where}: {message}")
+
+    def model(self, reference: str, where: str) -> tuple[str, str]:
+        if reference not in self._models:
+            try:
+                path = resolve_model(reference, self.spec_dir)
+            except FarmError as exc:
+                raise self.fail(where, str(exc)) from None
+            self._models[reference] = (str(path), self.hashes.model(path))
+        return self._models[reference]
+
+    def lora(self, reference: str, strength: float, base: Path, where: str) -> LoraUse:
+        key = (base, reference)
+        if key not in self._loras:
+            try:
+                path = resolve_lora(reference, base)
+            except FarmError as exc:
+                raise self.fail(where, str(exc)) from None
+            self._loras[key] = (str(path), self.hashes.file(path))
+        path, sha = self._loras[key]
+        name = reference.split("/")[-1] if reference.startswith("tiny:") else Path(path).stem
+        return LoraUse(name=name, path=path, sha256=sha, strength=float(strength))
+
+    def axis_steps(self) -> list[tuple[str, list]]:
+        """The product's factors: each zip group is one factor whose values advance together."""
+        axes = self.job.axes
+        zipped = {name: group for group in self.job.zip for name in group}
+        factors, done = [], set()
+        for name in axes.names():
+            if name in done:
+                continue
+            group = zipped.get(name, [name])
+            done.update(group)
+            columns = [list(enumerate(axes.values(n))) for n in group]
+            factors.append((group, list(zip(*columns))))
+        return factors
+
+    def cells(self):
+        """Yield (settings, cell) for every combination of axis values."""
+        factors = self.axis_steps()
+        for combo in itertools.product(*(values for _, values in factors)):
+            settings = self.job.defaults.model_dump()
+            settings.update(model=self.job.model, model_where="model", replacements=[],
+                            strength=None, lora_where="defaults.lora")
+            cell: list[tuple[str, str]] = []
+            for (group, _), picks in zip(factors, combo):
+                for name, (index, value) in zip(group, picks):
+                    cell.append((name, self.apply(settings, name, index, value)))
+            yield settings, tuple(cell)
+
+    def apply(self, settings: dict, axis: str, index: int, value) -> str:
+        """Set one axis value on `settings`; return its grid label."""
+        if axis == "prompt":
+            settings["prompt"] = value.positive
+            if value.negative is not None:
+                settings["negative"] = value.negative
+            return value.label or value.positive
+        if axis == "lora":
+            settings["lora"], settings["lora_where"] = value.model_dump(), f"axes.lora[{index}]"
+            return value.label or (_lora_label(value.file) if value.file else "none")
+        if axis == "strength":
+            settings["strength"] = value
+            return f"{value:g}"
+        if axis == "size":
+            settings["width"], settings["height"] = value.width, value.height
+            return f"{value.width}x{value.height}"
+        if axis == "model":
+            settings["model"], settings["model_where"] = value, f"axes.model[{index}]"
+            return Path(value).stem if not value.startswith("tiny:") else value
+        if axis in ("seed", "sampler", "steps", "cfg"):
+            settings[axis] = value
+            return f"{value:g}" if isinstance(value, float) else str(value)
+        search = self.job.axes.replace[axis][0]
+        settings["replacements"].append((axis, search, value))
+        return value
+
+    def task(self, settings: dict, cell: Cell, order: int) -> Task:
+        prompt, negative = settings["prompt"], settings["negative"]
+        for axis, search, value in settings["replacements"]:
+            if search not in prompt and search not in negative:
+                raise self.fail(f"axes.replace.{axis}", f"{search!r} is not in the prompt or negative prompt")
+            prompt, negative = prompt.replace(search, value), negative.replace(search, value)
+        prompt, loras = self.prompt_loras(prompt)
+        choice = settings["lora"]
+        if choice and choice["file"]:
+            strength = choice["strength"] if settings["strength"] is None else settings["strength"]
+            loras.insert(0, self.lora(choice["file"], strength, self.spec_dir, settings["lora_where"] + ".file"))
+        if len({lora.sha256 for lora in loras}) != len(loras):
+            raise self.fail("axes", f"the same LoRA file is applied twice to one image ({prompt[:40]!r})")
+        model_path, model_sha = self.model(settings["model"], settings["model_where"])
+        fields = dict(
+            model_sha256=model_sha, prompt=prompt, negative_prompt=negative, seed=settings["seed"],
+            steps=settings["steps"], cfg=float(settings["cfg"]), sampler=settings["sampler"],
+            width=settings["width"], height=settings["height"],
+            loras=sorted([lora.sha256, lora.strength] for lora in loras),
+        )
+        return Task(
+            task_id=task_id_of(fields), job=self.job.job, model=settings["model"], model_path=model_path,
+            model_sha256=model_sha, prompt=prompt, negative_prompt=negative, seed=settings["seed"],
+            steps=settings["steps"], cfg=float(settings["cfg"]), sampler=settings["sampler"],
+            width=settings["width"], height=settings["height"], loras=tuple(loras), cells=(cell,),
+            order=order,
+        )
+
+    def prompt_loras(self, prompt: str) -> tuple[str, list[LoraUse]]:
+        """Take A1111 `<lora:NAME:WEIGHT>` tags out of a prompt, as A1111 does before encoding."""
+        loras = []
+        for match in _LORA_TAG.finditer(prompt):
+            weight = float(match[2]) if match[2] else 1.0
+            if not 0 <= weight <= 2:
+                raise self.fail("prompt", f"{match[0]}: strength must be between 0 and 2")
+            loras.append(self.lora(match[1], weight, self.lora_dir, f"prompt {match[0]}"))
+        cleaned = re.sub(r"\s{2,}", " ", _LORA_TAG.sub("", prompt)).strip().strip(",").strip()
+        return cleaned, loras
+
+
+def _lora_label(reference: str) -> str:
+    return reference.split("/")[-1] if reference.startswith("tiny:") else Path(reference).stem
+
+
+def plan_job(job: RenderJob, spec_dir: Path, source: str = "<spec>",
+             recorded_seeds: dict[str, int] | None = None, hashes: HashCache | None = None) -> Plan:
+    """Expand a job into de-duplicated tasks, ordered by model, then LoRA set, then spec order."""
+    job, seeds = resolve_seeds(job, recorded_seeds)
+    hashes = hashes or HashCache()
+    expander = _Expander(job, Path(spec_dir), source, hashes)
+    by_id: dict[str, Task] = {}
+    cells = 0
+    for order, (settings, cell) in enumerate(expander.cells()):
+        cells += 1
+        task = expander.task(settings, cell, order)
+        if task.task_id in by_id:
+            first = by_id[task.task_id]
+            by_id[task.task_id] = replace(first, cells=first.cells + task.cells)
+        else:
+            by_id[task.task_id] = task
+    hashes.save()
+    tasks = list(by_id.values())
+    model_rank = {sha: i for i, sha in enumerate(dict.fromkeys(t.model_sha256 for t in tasks))}
+    group_rank = {g: i for i, g in enumerate(dict.fromkeys(t.group for t in tasks))}
+    tasks.sort(key=lambda t: (model_rank[t.model_sha256], group_rank[t.group], t.order))
+    return Plan(job=job, tasks=tasks, seeds=seeds, folded=cells - len(tasks))
+

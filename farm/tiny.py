@@ -1,0 +1,211 @@
+"""Tiny random-weight SDXL models and LoRAs, built offline, for tests and the demo.
+
+The tiny model uses the real diffusers/transformers classes (a UNet with `text_time` added
+embeddings, two CLIP text encoders, a VAE with SDXL's scale factor 8) and CLIP's real BPE
+vocabulary, so it is loaded by exactly the code path a user's SDXL folder takes. Weights are
+seeded, so the same version of this module always builds the same bytes.
+
+Specs name them as `tiny:sdxl` (model) and `tiny:lora/NAME` (a LoRA, seeded from NAME); the farm
+builds them on first use into a cache folder and reuses them after.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import FarmError, ModelError
+
+TINY_MODEL = "tiny:sdxl"
+TINY_LORA_PREFIX = "tiny:lora/"
+# Bump when the builders below change, so caches rebuild instead of serving stale weights.
+TINY_VERSION = "1"
+
+_TEXT_ENCODER = dict(
+    vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+    num_hidden_layers=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+    pad_token_id=1, projection_dim=32, hidden_act="gelu",
+)
+_UNET = dict(
+    block_out_channels=(32, 64), layers_per_block=2, sample_size=16,
+    in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4), use_linear_projection=True,
+    transformer_layers_per_block=(1, 2), cross_attention_dim=64,
+    addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=32,
+)
+_VAE = dict(
+    block_out_channels=(8, 16, 32, 32), in_channels=3, out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64,
+    scaling_factor=0.13025,
+)
+_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+)
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def cache_dir() -> Path:
+    """Where tiny models are cached: $SDFARM_CACHE, else ~/.cache/sdfarm."""
+    root = os.environ.get("SDFARM_CACHE") or Path.home() / ".cache" / "sdfarm"
+    return Path(root) / f"tiny-v{TINY_VERSION}"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte → printable-unicode table (the first 256 vocabulary entries)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    # Order matters: the vocabulary lists the printable bytes first, then the remapped rest.
+    table = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in table]
+    table.update({b: chr(256 + i) for i, b in enumerate(others)})
+    return table
+
+
+def clip_bpe_path() -> Path:
+    """CLIP's BPE merges as shipped inside the open-clip-torch wheel (found without importing it)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise FarmError(
+            "the tiny model needs CLIP's vocabulary from the open-clip-torch package: "
+            "pip install --no-deps open-clip-torch"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise FarmError(f"{path}: CLIP vocabulary file missing from open-clip-torch")
+    return path
+
+
+def write_clip_vocab(folder: Path) -> tuple[Path, Path]:
+    """Rebuild CLIP's vocab.json and merges.txt (49,408 entries) from the BPE merges file."""
+    lines = gzip.open(clip_bpe_path()).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    vocab_list += ["".join(m.split()) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
+    vocab_path.write_text(json.dumps({tok: i for i, tok in enumerate(vocab_list)}))
+    merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return vocab_path, merges_path
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """A random-weight StableDiffusionXLPipeline in memory, deterministic for a given seed."""
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merges = write_clip_vocab(Path(tmp))
+        tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
+        tokenizer_2 = CLIPTokenizer(str(vocab), str(merges), model_max_length=77, pad_token="!")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**_UNET)
+    vae = AutoencoderKL(**_VAE)
+    text_config = CLIPTextConfig(**_TEXT_ENCODER)
+    text_encoder = CLIPTextModel(text_config)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler(**_SCHEDULER),
+    )
+
+
+def _publish(build, target: Path) -> Path:
+    """Build into a temp sibling and rename into place, so a crash never leaves half a model."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        built = build(tmp)
+        _make_readable(tmp)
+        try:
+            os.replace(built, target)
+        except OSError:
+            if not target.exists():  # lost a race to another process: theirs is as good
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _make_readable(root: Path) -> None:
+    """diffusers writes .safetensors as 0600; Ray workers run as other users on real clusters."""
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def save_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """Build the tiny SDXL and save it as a diffusers folder (safetensors only) at `folder`."""
+
+    def build(tmp: Path) -> Path:
+        out = tmp / "model"
+        build_tiny_pipeline(seed).save_pretrained(out, safe_serialization=True)
+        return out
+
+    return _publish(build, Path(folder))
+
+
+def tiny_lora_state_dict(name: str, rank: int = 4):
+    """A random peft LoRA on the tiny UNet's attention, seeded from `name`, in diffusers keys."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**_UNET)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS,
+                                init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for param_name, param in unet.named_parameters():
+            if "lora_B" in param_name:  # gaussian init leaves B at zero: make the LoRA do something
+                param.normal_(0.0, 0.5)
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_tiny_lora(path: Path, name: str, rank: int = 4) -> Path:
+    """Write a tiny random LoRA as one .safetensors file in the diffusers layout."""
+    path = Path(path)
+
+    def build(tmp: Path) -> Path:
+        from diffusers import StableDiffusionXLPipeline
+
+        StableDiffusionXLPipeline.save_lora_weights(
+            tmp, unet_lora_layers=tiny_lora_state_dict(name, rank), weight_name="lora.safetensors"
+        )
+        return tmp / "lora.safetensors"
+
+    return _publish(build, path)
+
+
+def resolve_tiny(reference: str) -> Path:
+    """Turn `tiny:sdxl` / `tiny:lora/NAME` into a built, cached path; build it on first use."""
+    if reference == TINY_MODEL:
+        return save_tiny_model(cache_dir() / "sdxl")
+    if reference.startswith(TINY_LORA_PREFIX):
+        name = reference[len(TINY_LORA_PREFIX):]
+        if not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise ModelError(f"{reference}: tiny LoRA names are letters, digits, '-' and '_'")
+        return save_tiny_lora(cache_dir() / "loras" / f"{name}.safetensors", name)
+    raise ModelError(f"{reference}: unknown tiny reference (use {TINY_MODEL} or {TINY_LORA_PREFIX}NAME)")
+
+
+def is_tiny(reference: str) -> bool:
+    return reference.startswith("tiny:")
