@@ -1,0 +1,118 @@
+"""The queue on a real local Ray with two logical GPUs and the tiny model."""
+
+import hashlib
+from collections import deque
+
+import pytest
+
+from farm.dispatch import AffinityQueue, make_chunks, run_plan
+from farm.manifest import RunFolder
+from farm.pipeline import PipelineOptions
+from farm.plan import Plan, plan_job
+from farm.spec import parse_spec
+
+
+def demo_plan(lora_dir, **axes):
+    data = {"job": "d", "model": "tiny:sdxl",
+            "defaults": {"prompt": "photo of a w0ut3r man", "seed": 7, "steps": 2, "width": 64, "height": 64},
+            "axes": axes or {"lora": ["none", "subject-000001", "subject-000002"], "prompt": ["a", "b", "c"]}}
+    return plan_job(parse_spec(data), lora_dir)
+
+
+def test_renders_everything_once_on_both_gpus(ray_cluster, lora_dir, tmp_path):
+    plan = demo_plan(lora_dir)
+    run = RunFolder(tmp_path)
+    summary = run_plan(plan, run, chunk_size=1, quiet=True)
+    assert (summary.ok, summary.failed, summary.skipped) == (9, 0, 0)
+    table = run.read()
+    assert sorted(table["task_id"].to_pylist()) == sorted(t.task_id for t in plan.tasks)
+    workers = set(table["worker"].to_pylist())
+    assert {w.split("@")[0] for w in workers} == {"render:gpu0", "render:gpu1"}
+    for row in table.to_pylist():
+        data = (tmp_path / row["image_path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row["image_sha256"]
+
+
+def test_resume_renders_only_what_is_missing(ray_cluster, lora_dir, tmp_path):
+    plan = demo_plan(lora_dir)
+    run = RunFolder(tmp_path)
+    first = Plan(job=plan.job, tasks=plan.tasks[:4])
+    assert run_plan(first, run, quiet=True).ok == 4
+    before = {p: p.read_bytes() for p in (tmp_path / "images").rglob("*.png")}
+    stamps = {p: p.stat().st_mtime_ns for p in before}
+    summary = run_plan(plan, run, quiet=True)
+    assert (summary.ok, summary.skipped) == (5, 4)
+    assert all(p.read_bytes() == data and p.stat().st_mtime_ns == stamps[p] for p, data in before.items())
+    assert run.read().num_rows == 9
+    again = run_plan(plan, run, quiet=True)
+    assert (again.ok, again.skipped) == (0, 9)
+
+
+def test_same_task_on_two_actors_gives_identical_bytes(ray_cluster, lora_dir):
+    import ray
+
+    from farm.actors import start_render_actors
+
+    task = demo_plan(lora_dir).tasks[-1]
+    actors = start_render_actors(2, PipelineOptions(), use_gpus=True)
+    try:
+        results = ray.get([actor.render_batch.remote([task]) for actor in actors])
+        names = ray.get([actor.holds.remote() for actor in actors])
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    (a,), (b,) = results
+    assert a.status == b.status == "ok"
+    assert a.worker != b.worker and a.png == b.png
+    assert {n["model_sha256"] for n in names} == {task.model_sha256}
+
+
+def test_a_failing_task_is_a_row_and_the_job_goes_on(ray_cluster, lora_dir, tmp_path):
+    broken = tmp_path / "loras" / "broken.safetensors"
+    broken.parent.mkdir()
+    broken.write_bytes((lora_dir / "subject-000002.safetensors").read_bytes())
+    plan = demo_plan(broken.parent, lora=["none", "broken"], prompt=["a", "b"])
+    broken.write_bytes(b"\x00" * 16)  # damaged after planning
+    run = RunFolder(tmp_path / "out")
+    summary = run_plan(plan, run, quiet=True)
+    assert (summary.ok, summary.failed) == (2, 2)
+    failed = [r for r in run.read().to_pylist() if r["status"] == "failed"]
+    assert all("broken.safetensors" in r["error"] for r in failed)
+    assert "broken.safetensors" in summary.errors[0]
+
+
+def chunks_of(groups: dict[str, int]):
+    class T:  # the queue only looks at .group
+        def __init__(self, group):
+            self.group = group
+
+    tasks = [T(g) for g, n in groups.items() for _ in range(n)]
+    return make_chunks(tasks, 1)
+
+
+def test_affinity_keeps_each_actor_on_its_group_and_steals_at_the_end():
+    queue = AffinityQueue(chunks_of({"A": 3, "B": 3}))
+    taken = {0: [], 1: []}
+    while queue:
+        for actor in (0, 1):
+            chunk = queue.take(actor)
+            if chunk:
+                taken[actor].append(chunk[0].group)
+    assert taken == {0: ["A", "A", "A"], 1: ["B", "B", "B"]}
+    assert queue.switches == 0
+
+
+def test_free_actor_steals_from_the_longest_group():
+    queue = AffinityQueue(chunks_of({"A": 1, "B": 4}))
+    assert queue.take(0)[0].group == "A"
+    assert queue.take(1)[0].group == "B"
+    assert queue.take(0)[0].group == "B"  # A is done: steal
+    assert queue.switches == 1
+    assert sum(len(c) for c in queue.chunks.values()) == 2
+
+
+def test_put_back_goes_first():
+    queue = AffinityQueue(chunks_of({"A": 2}))
+    chunk = queue.take(0)
+    queue.put_back(chunk)
+    assert queue.take(0) is chunk  # the owner gets a requeued chunk before anything else

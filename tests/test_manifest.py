@@ -1,0 +1,74 @@
+from datetime import datetime, timedelta, timezone
+
+import pyarrow.parquet as pq
+import pytest
+
+from farm.errors import ManifestError
+from farm.manifest import SCHEMA, ManifestWriter, RunFolder
+from farm.render import RenderResult
+from test_pnginfo import make_task
+
+NOW = datetime(2026, 11, 21, tzinfo=timezone.utc)
+
+
+def result(task_id, status="ok", minutes=0, png=b"\x89PNG fake"):
+    return RenderResult(task=make_task(task_id=task_id), status=status, png=png if status == "ok" else b"",
+                        image_sha256="e" * 64 if status == "ok" else "", error="" if status == "ok" else "boom",
+                        started_at=NOW, finished_at=NOW + timedelta(minutes=minutes))
+
+
+def test_rows_have_the_documented_schema(tmp_path):
+    run = RunFolder(tmp_path)
+    writer = ManifestWriter(run)
+    writer.add(result("aa11"))
+    writer.add(result("bb22", status="failed"))
+    writer.flush()
+    table = run.read()
+    assert table.schema.equals(SCHEMA)
+    rows = {r["task_id"]: r for r in table.to_pylist()}
+    assert rows["aa11"]["image_path"] == "images/aa/aa11.png"
+    assert (tmp_path / "images/aa/aa11.png").read_bytes() == b"\x89PNG fake"
+    assert rows["bb22"]["status"] == "failed" and rows["bb22"]["error"] == "boom" and rows["bb22"]["image_path"] == ""
+    assert rows["aa11"]["lora"] == "me-000030" and rows["aa11"]["lora_strength"] == 0.8
+    assert dict(rows["aa11"]["axes"]) == {"lora": "e30"}
+    assert rows["aa11"]["seed"] == 1382869474
+
+
+def test_parts_are_written_whole_and_temp_files_do_not_remain(tmp_path):
+    run = RunFolder(tmp_path)
+    writer = ManifestWriter(run, every_rows=2)
+    for i in range(5):
+        writer.add(result(f"t{i:03d}"))
+    writer.flush()
+    parts = run.parts()
+    assert len(parts) == 3 and [pq.read_metadata(p).num_rows for p in parts] == [2, 2, 1]
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_duplicate_rows_fold_to_one_per_task(tmp_path):
+    run = RunFolder(tmp_path)
+    run.write_part([_row(result("x1", status="failed", minutes=1))])
+    run.write_part([_row(result("x1", minutes=0)), _row(result("x2", status="failed", minutes=0))])
+    run.write_part([_row(result("x2", status="failed", minutes=5))])
+    table = run.read()
+    assert sorted(table["task_id"].to_pylist()) == ["x1", "x2"]
+    by_id = {r["task_id"]: r for r in table.to_pylist()}
+    assert by_id["x1"]["status"] == "ok"  # ok beats a later failure
+    assert by_id["x2"]["finished_at"] == NOW + timedelta(minutes=5)
+    assert run.done_ids() == {"x1"}
+
+
+def test_unreadable_part_names_the_file(tmp_path):
+    run = RunFolder(tmp_path)
+    run.write_part([_row(result("x1"))])
+    bad = run.manifest_dir / "part-zzz.parquet"
+    bad.write_bytes(b"not parquet")
+    with pytest.raises(ManifestError, match="part-zzz.parquet: unreadable manifest part"):
+        run.read()
+
+
+def _row(r):
+    from farm.manifest import result_row
+
+    return result_row(r, "images/x.png" if r.status == "ok" else "")

@@ -1,0 +1,125 @@
+import shutil
+
+import pytest
+
+from farm.errors import SpecError
+from farm.plan import plan_job
+from farm.spec import parse_spec
+
+
+def plan_of(data, folder, seeds=None):
+    return plan_job(parse_spec(data, "job.yaml"), folder, "job.yaml", seeds)
+
+
+def study(lora_dir, **extra):
+    return {"job": "t", "model": "tiny:sdxl",
+            "defaults": {"prompt": "photo of a w0ut3r man", "seed": 156680208700286, "width": 64, "height": 64},
+            "axes": {"lora": ["none", "subject-000001", "subject-000002"], "prompt": ["a", "b"]}, **extra}
+
+
+def test_product_and_ids_are_stable(lora_dir, tiny_model):
+    first = plan_of(study(lora_dir), lora_dir)
+    again = plan_of(study(lora_dir), lora_dir)
+    assert len(first.tasks) == 6
+    assert [t.task_id for t in first.tasks] == [t.task_id for t in again.tasks]
+    assert len({t.task_id for t in first.tasks}) == 6
+
+
+def test_id_changes_with_every_output_field(lora_dir, tiny_model):
+    base = {t.task_id for t in plan_of(study(lora_dir), lora_dir).tasks}
+    for key, value in [("seed", 1), ("steps", 3), ("cfg", 5.5), ("sampler", "ddim"), ("negative", "blurry"),
+                       ("width", 72)]:
+        data = study(lora_dir)
+        data["defaults"] = {**data["defaults"], key: value}
+        changed = {t.task_id for t in plan_of(data, lora_dir).tasks}
+        assert not changed & base, key
+
+
+def test_id_follows_lora_content_not_name(lora_dir, tiny_model, tmp_path):
+    for name in ("subject-000001", "subject-000002"):
+        shutil.copy(lora_dir / f"{name}.safetensors", tmp_path / f"{name}.safetensors")
+    shutil.copy(lora_dir / "subject-000001.safetensors", tmp_path / "renamed.safetensors")
+    original = plan_of(study(lora_dir), lora_dir)
+    copied = plan_of(study(lora_dir), tmp_path)
+    assert [t.task_id for t in original.tasks] == [t.task_id for t in copied.tasks]
+    data = study(lora_dir)
+    data["axes"]["lora"] = ["renamed"]
+    renamed = {t.task_id for t in plan_of(data, tmp_path).tasks}
+    assert renamed == {t.task_id for t in original.tasks if t.loras and t.loras[0].name == "subject-000001"}
+    (tmp_path / "subject-000002.safetensors").write_bytes(
+        (lora_dir / "subject-000003.safetensors").read_bytes())  # re-trained under the same name
+    retrained = plan_of(study(lora_dir), tmp_path)
+    assert {t.task_id for t in retrained.tasks} != {t.task_id for t in original.tasks}
+
+
+def test_tasks_are_grouped_by_lora_in_spec_order(lora_dir, tiny_model):
+    data = study(lora_dir)
+    data["axes"] = {"prompt": ["a", "b", "c"], "lora": ["subject-000001", "none", "subject-000002"]}
+    plan = plan_of(data, lora_dir)
+    groups = [t.group for t in plan.tasks]
+    assert len(plan.groups) == 3
+    assert all(groups[i] == groups[i + 1] for i in (0, 1, 3, 4, 6, 7))  # three runs of three
+    assert [t.loras[0].name if t.loras else "none" for t in plan.tasks[::3]] == [
+        "subject-000001", "none", "subject-000002"]
+
+
+def test_zip_advances_axes_together(lora_dir, tiny_model):
+    data = study(lora_dir, zip=[["prompt", "seed"]])
+    data["axes"] = {"prompt": ["a", "b", "c"], "seed": [1, 2, 3]}
+    plan = plan_of(data, lora_dir)
+    assert sorted((t.prompt, t.seed) for t in plan.tasks) == [("a", 1), ("b", 2), ("c", 3)]
+
+
+def test_a1111_lora_tags_and_prompt_search_replace(lora_dir, tiny_model):
+    data = study(lora_dir)
+    data["defaults"]["prompt"] = "photo of a w0ut3r man <lora:subject-000001:0.1>"
+    data["axes"] = {"replace": {"weight": [":0.1", ":0.5", ":1.0"],
+                                "epoch": ["subject-000001", "subject-000002"]}}
+    plan = plan_of(data, lora_dir)
+    assert len(plan.tasks) == 6
+    assert {t.prompt for t in plan.tasks} == {"photo of a w0ut3r man"}
+    used = sorted((t.loras[0].name, t.loras[0].strength) for t in plan.tasks)
+    assert used == [("subject-000001", 0.1), ("subject-000001", 0.5), ("subject-000001", 1.0),
+                    ("subject-000002", 0.1), ("subject-000002", 0.5), ("subject-000002", 1.0)]
+    cells = {dict(t.cells[0])["epoch"] for t in plan.tasks}
+    assert cells == {"subject-000001", "subject-000002"}
+
+
+def test_search_text_missing_from_prompt_is_an_error(lora_dir, tiny_model):
+    data = study(lora_dir)
+    data["axes"] = {"replace": {"style": ["watercolor", "oil"]}}
+    with pytest.raises(SpecError, match=r"job.yaml: axes.replace.style: 'watercolor' is not in the prompt"):
+        plan_of(data, lora_dir)
+
+
+def test_cells_with_the_same_image_fold_into_one_task(lora_dir, tiny_model):
+    data = study(lora_dir)
+    data["axes"] = {"lora": ["none", "subject-000001"], "strength": [0.5, 1.0]}
+    plan = plan_of(data, lora_dir)
+    assert len(plan.tasks) == 3 and plan.folded == 1
+    base = next(t for t in plan.tasks if not t.loras)
+    assert sorted(dict(c)["strength"] for c in base.cells) == ["0.5", "1"]
+
+
+def test_random_seed_is_fixed_once_and_reused(lora_dir, tiny_model):
+    data = study(lora_dir)
+    data["defaults"]["seed"] = -1
+    first = plan_of(data, lora_dir)
+    assert list(first.seeds) == ["defaults.seed"] and all(t.seed == first.seeds["defaults.seed"] for t in first.tasks)
+    again = plan_of(data, lora_dir, seeds=first.seeds)
+    assert [t.task_id for t in again.tasks] == [t.task_id for t in first.tasks]
+
+
+def test_missing_and_unsafe_files_name_the_field(lora_dir, tiny_model, tmp_path):
+    data = study(lora_dir)
+    data["axes"] = {"lora": ["none", "nope"]}
+    with pytest.raises(SpecError, match=r"job.yaml: axes.lora\[1\].file: .*nope.safetensors: LoRA file not found"):
+        plan_of(data, lora_dir)
+    (tmp_path / "evil.ckpt").write_bytes(b"\x80\x04pickle")
+    data["axes"] = {"lora": ["evil.ckpt"]}
+    with pytest.raises(SpecError, match=r"evil.ckpt: .ckpt files are Python pickles"):
+        plan_of(data, tmp_path)
+    data = study(lora_dir, model="no/such/model")
+    data["axes"] = {}
+    with pytest.raises(SpecError, match=r"job.yaml: model: .*model not found"):
+        plan_of(data, lora_dir)

@@ -1,0 +1,108 @@
+"""The renderer on CPU with the tiny model: determinism and LoRA behaviour, no Ray."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from farm.plan import plan_job
+from farm.pnginfo import parse_parameters
+from farm.spec import parse_spec
+
+
+def tasks_for(lora_dir, axes, **defaults):
+    data = {"job": "r", "model": "tiny:sdxl", "axes": axes,
+            "defaults": {"prompt": "photo of a w0ut3r man", "negative": "blurry", "seed": 1234,
+                         "steps": 3, "width": 64, "height": 64, "sampler": "euler", **defaults}}
+    return plan_job(parse_spec(data), lora_dir).tasks
+
+
+def pixels(result) -> np.ndarray:
+    assert result.status == "ok", result.error
+    return np.asarray(Image.open(io.BytesIO(result.png)).convert("RGB"), dtype=np.int16)
+
+
+def test_same_task_twice_gives_identical_png(renderer, lora_dir):
+    task = tasks_for(lora_dir, {"lora": ["subject-000001"]})[0]
+    first, second = renderer.render(task), renderer.render(task)
+    assert first.status == second.status == "ok"
+    assert first.image_sha256 == second.image_sha256 and first.png == second.png
+
+
+def test_seed_and_prompt_change_the_image(renderer, lora_dir):
+    tasks = tasks_for(lora_dir, {"seed": [1, 2], "prompt": ["a man", "a cat"]})
+    hashes = {renderer.render(t).image_sha256 for t in tasks}
+    assert len(hashes) == 4
+
+
+def test_strength_zero_equals_no_lora(renderer, lora_dir):
+    none, zero, full = tasks_for(lora_dir, {"lora": ["none", {"file": "subject-000001", "strength": 0.0},
+                                                     "subject-000001"]})
+    base = pixels(renderer.render(none))
+    assert np.array_equal(pixels(renderer.render(zero)), base)
+    assert np.abs(pixels(renderer.render(full)) - base).max() > 0  # the LoRA does change pixels
+
+
+def test_lora_a_b_a_gives_a_again(renderer, lora_dir):
+    a, b = tasks_for(lora_dir, {"lora": ["subject-000001", "subject-000002"]})
+    first = pixels(renderer.render(a))
+    other = pixels(renderer.render(b))
+    again = pixels(renderer.render(a))
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_switching_between_cached_adapters_does_not_reload(renderer, lora_dir):
+    tasks = tasks_for(lora_dir, {"lora": ["subject-000001", "subject-000002"], "strength": [0.5, 1.0]})
+    for task in tasks:
+        renderer.render(task)
+    loads = renderer.adapters.loads
+    for task in tasks:
+        assert renderer.render(task).status == "ok"
+    assert renderer.adapters.loads == loads
+
+
+def test_png_carries_a1111_parameters(renderer, lora_dir):
+    task = tasks_for(lora_dir, {"lora": [{"file": "subject-000002", "strength": 0.7}]},
+                     sampler="DPM++ 2M SDE Karras", cfg=6.5)[0]
+    result = renderer.render(task)
+    text = Image.open(io.BytesIO(result.png)).text["parameters"]
+    params = parse_parameters(text)
+    assert params["Prompt"] == "photo of a w0ut3r man"
+    assert params["Negative prompt"] == "blurry"
+    assert params["Steps"] == "3" and params["Sampler"] == "DPM++ 2M SDE Karras"
+    assert params["CFG scale"] == "6.5" and params["Seed"] == "1234" and params["Size"] == "64x64"
+    assert params["Lora"] == "subject-000002:0.7"
+    assert params["Scheduler"].startswith("DPMSolverMultistepScheduler(")
+    assert params["Task"] == task.task_id
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "file changed since the job was planned"),
+    (b"\x80\x04\x95pickle", "file changed since the job was planned"),
+])
+def test_a_changed_lora_fails_only_its_task(renderer, lora_dir, tmp_path, content, expected):
+    path = tmp_path / "broken.safetensors"
+    # subject-000003 is loaded by no other test: a cached adapter would (rightly) not be re-read
+    path.write_bytes((lora_dir / "subject-000003.safetensors").read_bytes())
+    broken, good = tasks_for(tmp_path, {"lora": ["broken", "none"]})
+    path.write_bytes(content)
+    result = renderer.render(broken)
+    assert result.status == "failed" and expected in result.error and str(path) in result.error
+    assert renderer.render(good).status == "ok"
+
+
+def test_corrupt_and_foreign_loras_fail_with_a_clear_error(renderer, lora_dir, tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}xxxxxx")
+    save_file({"lora_unet_foo.lora_down.weight": torch.zeros(4, 7)}, tmp_path / "foreign.safetensors")
+    tasks = tasks_for(tmp_path, {"lora": ["garbage", "foreign", "none"]})
+    garbage, foreign, good = tasks
+    result = renderer.render(garbage)
+    assert result.status == "failed" and "not a readable .safetensors file" in result.error
+    result = renderer.render(foreign)
+    assert result.status == "failed" and "foreign.safetensors" in result.error
+    assert renderer.render(good).status == "ok"
