@@ -77,7 +77,8 @@ def cmd_run(args) -> int:
     plan = _load_plan(args.spec, info.get("seeds") if info.get("job") else None)
     if info.get("job") and info["job"] != plan.job.job:
         raise FarmError(f"{run.root}: holds job {info['job']!r}, not {plan.job.job!r}; use another --out")
-    run.save_run_info({"job": plan.job.job, "spec": str(Path(args.spec).resolve()), "seeds": plan.seeds})
+    run.save_run_info({"job": plan.job.job, "spec": str(Path(args.spec).resolve()), "seeds": plan.seeds,
+                       "axes": plan.axis_labels})
     options = PipelineOptions(device=args.device, dtype=args.dtype, vae_tiling=args.vae_tiling,
                               cpu_offload=args.cpu_offload)
     started_ray = connect(args.address, args.gpus)

@@ -68,12 +68,14 @@ def _cells(table) -> list[Cell]:
     return [Cell(labels=dict(cell), row=row) for row in rows for cell in row["cells"]]
 
 
-def _ordered_labels(cells: list[Cell], axis: str) -> list[str]:
+def _ordered_labels(cells: list[Cell], axis: str, planned: dict[str, list[str]]) -> list[str]:
+    """The spec's order (from run.json, so unrendered rows still show), then any others seen."""
     first_seen: dict[str, int] = {}
     for cell in cells:
         label = cell.labels[axis]
         first_seen[label] = min(first_seen.get(label, cell.row["order"]), cell.row["order"])
-    return sorted(first_seen, key=first_seen.get)
+    known = list(planned.get(axis, []))
+    return known + sorted((l for l in first_seen if l not in known), key=first_seen.get)
 
 
 def _fixed_settings(cells: list[Cell]) -> dict[str, str]:
@@ -95,6 +97,7 @@ def build_pages(run: RunFolder, rows_axis: str, cols_axis: str, pages_axis: list
     if table.num_rows == 0:
         raise FarmError(f"{run.root}: no manifest rows yet (run the job first)")
     cells = _cells(table)
+    planned = run.load_run_info().get("axes", {})
     axes = list(dict.fromkeys(axis for cell in cells for axis in cell.labels))
     for option, axis in (("--rows", rows_axis), ("--cols", cols_axis), *(("--pages", p) for p in pages_axis or [])):
         if axis not in axes:
@@ -103,19 +106,19 @@ def build_pages(run: RunFolder, rows_axis: str, cols_axis: str, pages_axis: list
         raise FarmError("--rows and --cols must be different axes")
     varying = [a for a in axes if len({c.labels[a] for c in cells}) > 1]
     page_axes = list(pages_axis or []) + [a for a in varying if a not in (rows_axis, cols_axis, *(pages_axis or []))]
-    page_values = [_ordered_labels(cells, a) for a in page_axes]
+    page_values = [_ordered_labels(cells, a, planned) for a in page_axes]
     pages = []
     for combo in itertools.product(*page_values) if page_axes else [()]:
         selected = [c for c in cells if all(c.labels[a] == v for a, v in zip(page_axes, combo))]
-        if not selected:
+        if not selected:  # nothing of this page rendered yet: skip rather than draw all blanks
             continue
         fixed = _fixed_settings(selected)
         fixed.update({a: v for a, v in zip(page_axes, combo)})
         fixed.update({a: selected[0].labels[a] for a in axes if a not in varying})
         pages.append(Page(
             title=f"{table['job'][0].as_py()}: rows {rows_axis}, columns {cols_axis}",
-            row_labels=_ordered_labels(selected, rows_axis),
-            col_labels=_ordered_labels(selected, cols_axis),
+            row_labels=_ordered_labels(selected, rows_axis, planned),
+            col_labels=_ordered_labels(selected, cols_axis, planned),
             cells={(c.labels[rows_axis], c.labels[cols_axis]): c.row for c in selected},
             fixed=fixed,
         ))

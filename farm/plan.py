@@ -78,6 +78,7 @@ class Plan:
     tasks: list[Task]
     seeds: dict[str, int] = field(default_factory=dict)  # resolved `-1` seeds by spec location
     folded: int = 0  # grid cells that share an image with another cell
+    axis_labels: dict[str, list[str]] = field(default_factory=dict)  # grid order of each axis
 
     @property
     def groups(self) -> list[tuple]:
@@ -246,9 +247,12 @@ def plan_job(job: RenderJob, spec_dir: Path, source: str = "<spec>",
     hashes = hashes or HashCache()
     expander = _Expander(job, Path(spec_dir), source, hashes)
     by_id: dict[str, Task] = {}
+    labels: dict[str, dict[str, None]] = {}
     cells = 0
     for order, (settings, cell) in enumerate(expander.cells()):
         cells += 1
+        for axis, label in cell:
+            labels.setdefault(axis, {})[label] = None
         task = expander.task(settings, cell, order)
         if task.task_id in by_id:
             first = by_id[task.task_id]
@@ -260,5 +264,6 @@ def plan_job(job: RenderJob, spec_dir: Path, source: str = "<spec>",
     model_rank = {sha: i for i, sha in enumerate(dict.fromkeys(t.model_sha256 for t in tasks))}
     group_rank = {g: i for i, g in enumerate(dict.fromkeys(t.group for t in tasks))}
     tasks.sort(key=lambda t: (model_rank[t.model_sha256], group_rank[t.group], t.order))
-    return Plan(job=job, tasks=tasks, seeds=seeds, folded=cells - len(tasks))
+    return Plan(job=job, tasks=tasks, seeds=seeds, folded=cells - len(tasks),
+                axis_labels={axis: list(values) for axis, values in labels.items()})
 

@@ -1,0 +1,79 @@
+"""The `farm` command as a user runs it (subprocesses, real Ray, tiny model)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def farm(*args, cwd=ROOT, timeout=600):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "farm.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_plan_prints_counts_without_rendering(farm_cache, tmp_path):
+    result = farm("plan", "jobs/demo.yaml", "--out", tmp_path / "never")
+    assert result.returncode == 0, result.stderr
+    assert "job demo: 28 images (32 grid cells, 4 share an image)" in result.stdout
+    assert "model/LoRA groups: 4" in result.stdout
+    assert "0 already ok, 28 to render" in result.stdout
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("job: x\nmodel: tiny:sdxl\ndefaults: {prompt: a}\naxes:\n  lora: [none, {file: a, strength: 5}]\n",
+     "bad.yaml: axes.lora[1].strength: must be between 0 and 2"),
+    ("job: x\nmodel: nowhere/model\ndefaults: {prompt: a}\n", "bad.yaml: model: "),
+    ("job: x\nmodel: tiny:sdxl\ndefaults: {prompt: a, sampler: turbo}\n", "defaults.sampler: unknown sampler 'turbo'"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(farm_cache, tmp_path, spec, message):
+    (tmp_path / "bad.yaml").write_text(spec)
+    for command in ("plan", "run"):
+        result = farm(command, tmp_path / "bad.yaml", "--out", tmp_path / "out")
+        assert result.returncode == 2
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert result.stderr.strip().count("\n") == 0
+
+
+def test_grid_on_a_missing_run_is_one_line(tmp_path):
+    result = farm("grid", tmp_path / "nothing", "--rows", "lora", "--cols", "prompt")
+    assert result.returncode == 2 and "no manifest rows yet" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tiny_lora_command_writes_a_loadable_file(farm_cache, tmp_path):
+    result = farm("tiny-lora", tmp_path / "x.safetensors", "--rank", "2")
+    assert result.returncode == 0, result.stderr
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "x.safetensors", "pt") as handle:
+        keys = list(handle.keys())
+    assert keys and all("lora" in key for key in keys)
+    assert (tmp_path / "x.safetensors").stat().st_mode & 0o044 == 0o044  # readable by Ray workers
+
+
+@pytest.mark.slow
+def test_demo_job_end_to_end(farm_cache, tmp_path):
+    """`farm run` then `farm grid` on jobs/demo.yaml, then a second run that resumes."""
+    out = tmp_path / "demo"
+    result = farm("run", "jobs/demo.yaml", "--out", out, "--gpus", "2", "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "28 rendered, 0 failed" in result.stdout
+    table = pq.read_table(out / "manifest")
+    assert table.num_rows == 28 and set(table["status"].to_pylist()) == {"ok"}
+    assert len(set(table["worker"].to_pylist())) == 2
+    assert all(s.startswith("DPMSolverSinglestepScheduler") for s in table["scheduler"].to_pylist())
+    grid = farm("grid", out, "--rows", "lora", "--cols", "prompt")
+    assert grid.returncode == 0, grid.stderr
+    pages = sorted((out / "grids").glob("*.png"))
+    assert len(pages) == 2  # one per strength
+    assert Image.open(pages[0]).size[0] == 128 * 5  # row labels + 4 prompts at the 128 px minimum cell
+    again = farm("run", "jobs/demo.yaml", "--out", out, "--gpus", "2", "--quiet")
+    assert again.returncode == 0 and "0 rendered, 0 failed, 28 already done" in again.stdout
