@@ -154,6 +154,9 @@ def save_tiny_model(folder: Path, seed: int = 0) -> Path:
     """Build the tiny SDXL and save it as a diffusers folder (safetensors only) at `folder`."""
 
     def build(tmp: Path) -> Path:
+        from .pipeline import quiet_libraries
+
+        quiet_libraries()
         out = tmp / "model"
         build_tiny_pipeline(seed).save_pretrained(out, safe_serialization=True)
         return out
