@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .artifacts import HashCache, resolve_lora, resolve_model
 from .errors import FarmError, SpecError
-from .spec import RenderJob
+from .spec import LoraChoice, RenderJob
 
 # Bump when the renderer changes in a way that changes pixels for the same settings.
 RENDER_VERSION = 1
@@ -240,9 +240,31 @@ def _lora_label(reference: str) -> str:
     return reference.split("/")[-1] if reference.startswith("tiny:") else Path(reference).stem
 
 
+def with_checkpoints(job: RenderJob, checkpoints: dict[str, list[tuple[int, str]]]) -> RenderJob:
+    """Replace `lora: {run: v002}` values by that run's checkpoint files known so far.
+
+    `checkpoints` maps a run to its (epoch, path) pairs. Checkpoints not written yet simply
+    have no tasks; planning again after each new file adds exactly the new tasks."""
+    if not job.axes.lora or not any(choice.run for choice in job.axes.lora):
+        return job
+    loras = []
+    for choice in job.axes.lora:
+        if not choice.run:
+            loras.append(choice)
+            continue
+        for epoch, path in sorted(checkpoints.get(choice.run, [])):
+            if choice.epochs == "all" or epoch in choice.epochs:
+                loras.append(LoraChoice(file=path, strength=choice.strength, label=f"{choice.run} e{epoch}"))
+    axes = job.axes.model_copy(update={"lora": loras})
+    axes._order = job.axes._order
+    return job.model_copy(update={"axes": axes})
+
+
 def plan_job(job: RenderJob, spec_dir: Path, source: str = "<spec>",
-             recorded_seeds: dict[str, int] | None = None, hashes: HashCache | None = None) -> Plan:
+             recorded_seeds: dict[str, int] | None = None, hashes: HashCache | None = None,
+             checkpoints: dict[str, list[tuple[int, str]]] | None = None) -> Plan:
     """Expand a job into de-duplicated tasks, ordered by model, then LoRA set, then spec order."""
+    job = with_checkpoints(job, checkpoints or {})
     job, seeds = resolve_seeds(job, recorded_seeds)
     hashes = hashes or HashCache()
     expander = _Expander(job, Path(spec_dir), source, hashes)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
@@ -82,11 +82,22 @@ def _lora_item(value: Any) -> Any:
 
 
 class LoraChoice(Strict):
-    """One LoRA cell: a `.safetensors` file (or `none` for the base model) and its strength."""
+    """One LoRA cell: a `.safetensors` file (or `none` for the base model) and its strength.
+
+    In a training job's `evaluate` sweep, `run: v002` instead stands for that run's checkpoints
+    (`epochs: all`, or a list of epoch numbers); each becomes a value labelled `v002 e7`."""
 
     file: Optional[str] = None
     strength: Strength = 1.0
     label: Optional[str] = None  # grid label; default: the file name without extension
+    run: Optional[str] = None
+    epochs: Union[Literal["all"], list[Annotated[int, _between(1, 100000)]]] = "all"
+
+    @model_validator(mode="after")
+    def _file_or_run(self):
+        if self.file and self.run:
+            raise ValueError("give file or run, not both")
+        return self
 
 
 def _size_item(value: Any) -> Any:
@@ -204,6 +215,135 @@ class RenderJob(Strict):
         return self
 
 
+def _resolution(value: Any) -> Any:
+    """kohya writes resolution as `1024`, `"1024,1024"` or `[1024, 1024]`."""
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, str):
+        width, _, height = value.partition(",")
+        try:
+            return (int(width), int(height or width))
+        except ValueError:
+            raise ValueError(f"{value!r} is not WIDTH,HEIGHT") from None
+    return value
+
+
+_OPTIMIZERS = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "adafactor": "Adafactor", "prodigy": "Prodigy"}
+
+
+def _optimizer_name(value: str) -> str:
+    if value.lower() not in _OPTIMIZERS:
+        raise ValueError(f"{value!r}: use one of {', '.join(_OPTIMIZERS.values())}")
+    return _OPTIMIZERS[value.lower()]
+
+
+Positive = Annotated[int, _between(1, 10_000_000)]
+
+
+class TrainOptions(Strict):
+    """One training run's options, with kohya sd-scripts' names and meanings."""
+
+    train_data_dir: Optional[str] = None  # kohya layout: sub-folders `<repeats>_<token> <class>`
+    reg_data_dir: Optional[str] = None  # sub-folders `<repeats>_<class>`
+    dataset_config: Optional[str] = None  # a kohya dataset TOML instead of the two folders
+    caption_extension: str = ".txt"
+    keep_tokens: int = 0
+    output_name: Annotated[str, AfterValidator(lambda v: _check_name(v))] = "lora"
+    network_dim: Annotated[int, _between(1, 1024)] = 4
+    network_alpha: Annotated[float, _between(0, 1024)] = 1.0
+    network_train_unet_only: bool = True
+    learning_rate: Annotated[float, _between(0, 1)] = 1e-4
+    unet_lr: Optional[Annotated[float, _between(0, 1)]] = None
+    text_encoder_lr: Optional[Annotated[float, _between(0, 1)]] = None
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial"] = "constant"
+    lr_warmup_steps: Annotated[int, _between(0, 10_000_000)] = 0
+    lr_scheduler_num_cycles: Positive = 1
+    lr_scheduler_power: float = 1.0
+    optimizer_type: Annotated[str, AfterValidator(_optimizer_name)] = "AdamW"
+    optimizer_args: list[str] = Field(default_factory=list)
+    train_batch_size: Annotated[int, _between(1, 1024)] = 1
+    gradient_accumulation_steps: Annotated[int, _between(1, 1024)] = 1
+    max_train_epochs: Optional[Positive] = None
+    max_train_steps: Optional[Positive] = None
+    save_every_n_epochs: Optional[Positive] = None
+    save_every_n_steps: Optional[Positive] = None
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    save_precision: Literal["float", "fp16", "bf16"] = "float"
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True
+    cache_latents_to_disk: bool = False  # accepted for kohya configs; latents are cached in memory
+    resolution: Annotated[tuple[Side, Side], BeforeValidator(_resolution)] = (1024, 1024)
+    enable_bucket: bool = False
+    min_bucket_reso: Annotated[int, _between(64, 8192)] = 256
+    max_bucket_reso: Annotated[int, _between(64, 8192)] = 1024
+    bucket_reso_steps: Annotated[int, _between(8, 1024)] = 64
+    bucket_no_upscale: bool = False
+    prior_loss_weight: Annotated[float, _between(0, 100)] = 1.0
+    noise_offset: Annotated[float, _between(0, 1)] = 0.0
+    min_snr_gamma: Optional[Annotated[float, _between(0, 100)]] = None
+    seed: Annotated[int, _between(0, MAX_SEED)] = 42
+
+    @model_validator(mode="after")
+    def _data(self):
+        if not (self.train_data_dir or self.dataset_config):
+            raise ValueError("give train_data_dir (kohya folders) or dataset_config (kohya TOML)")
+        if self.dataset_config and (self.train_data_dir or self.reg_data_dir):
+            raise ValueError("dataset_config replaces train_data_dir and reg_data_dir: give one or the other")
+        return self
+
+
+class Evaluate(Strict):
+    """The render sweep over a training job's checkpoints (as a render job, without job/model)."""
+
+    defaults: Defaults = Field(default_factory=Defaults)
+    axes: Axes = Field(default_factory=Axes)
+    zip: list[list[str]] = Field(default_factory=list)
+
+
+class TrainJob(Strict):
+    """A training sweep: shared kohya options, named variants that override them, and an
+    optional evaluation sweep rendered over every checkpoint as soon as it is written."""
+
+    job: Annotated[str, AfterValidator(lambda v: _check_name(v))]
+    model: str
+    train: dict[str, Any]
+    variants: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"run": {}})
+    evaluate: Optional[Evaluate] = None
+
+    @model_validator(mode="after")
+    def _check_variants(self):
+        for name in self.variants:
+            _check_name(name)
+        self.runs()  # every variant must make valid options
+        return self
+
+    def runs(self) -> dict[str, TrainOptions]:
+        """Each variant's options: `train` with the variant's keys on top."""
+        result = {}
+        for name, overrides in self.variants.items():
+            merged = {**self.train, **(overrides or {})}
+            try:
+                result[name] = TrainOptions.model_validate(merged)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                where = "train" if _format_location(error["loc"]) not in (overrides or {}) else f"variants.{name}"
+                raise ValueError(f"{where}.{_format_error(error)} (variant {name})") from None
+        return result
+
+    def evaluation_job(self) -> Optional["RenderJob"]:
+        """The evaluate sweep as a render job; its lora axis defaults to every run's checkpoints."""
+        if self.evaluate is None:
+            return None
+        axes = self.evaluate.axes
+        if axes.lora is None:
+            loras = [LoraChoice(run=name) for name in self.variants]
+            axes = axes.model_copy(update={"lora": loras})
+            axes._order = ("lora", *(axes._order or ()))
+        return RenderJob(job=self.job, model=self.model, defaults=self.evaluate.defaults, axes=axes,
+                         zip=self.evaluate.zip)
+
+
 def _check_name(value: str) -> str:
     if not _NAME.match(value):
         raise ValueError("must be letters, digits, '.', '_' or '-' (it names folders and jobs)")
@@ -230,20 +370,22 @@ def _format_error(error: dict) -> str:
     return f"{location}: {message}" if location else message
 
 
-def parse_spec(data: Any, source: str = "<spec>") -> RenderJob:
+def parse_spec(data: Any, source: str = "<spec>") -> "RenderJob | TrainJob":
     """Validate already-parsed YAML; errors become one SpecError line naming source and field."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a job spec is a mapping of keys (job, model, defaults, axes)")
+    model = TrainJob if "train" in data else RenderJob
     try:
-        return RenderJob.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
         more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
         raise SpecError(f"{source}: {_format_error(errors[0])}{more}") from None
 
 
-def load_spec(path: str | Path) -> RenderJob:
-    """Read a YAML job spec with `yaml.safe_load` (never arbitrary objects) and validate it."""
+def load_spec(path: str | Path) -> "RenderJob | TrainJob":
+    """Read a YAML job spec with `yaml.safe_load` (never arbitrary objects) and validate it.
+    A spec with a `train` key is a training job; any other is a render job."""
     path = Path(path)
     try:
         text = path.read_text()

@@ -212,3 +212,51 @@ def resolve_tiny(reference: str) -> Path:
 
 def is_tiny(reference: str) -> bool:
     return reference.startswith("tiny:")
+
+
+_POSES = ["from front", "from side", "looking away", "smiling", "arms crossed", "outdoors", "indoors"]
+
+
+def write_tiny_dataset(root: Path, images: int = 4, repeats: int = 2, token: str = "w0ut3r",
+                       class_word: str = "man", reg_images: int = 0, size: int = 64,
+                       captions: bool = True) -> Path:
+    """Procedural subject images in kohya's layout, for tests and the demo.
+
+    `root/img/<repeats>_<token> <class>/NNN.png` (+ `.txt` captions like the seed's
+    `w0ut3r, photo of a man, from side`) and, with `reg_images`, `root/reg/1_<class>/`. The
+    "subject" is the same figure (a face-like disc with a red scarf) in varying positions, so a
+    LoRA has something consistent to learn; regularization images are other figures.
+    """
+    import random as _random
+
+    from PIL import Image, ImageDraw
+
+    root = Path(root)
+    instance_dir = root / "img" / f"{repeats}_{token} {class_word}"
+    instance_dir.mkdir(parents=True, exist_ok=True)
+    rng = _random.Random(f"{token}:{images}:{size}")
+    for index in range(images):
+        image = Image.new("RGB", (size, size), tuple(rng.randint(150, 230) for _ in range(3)))
+        draw = ImageDraw.Draw(image)
+        cx, cy, r = rng.randint(size // 3, 2 * size // 3), rng.randint(size // 3, size // 2), size // 5
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(224, 172, 105))
+        draw.rectangle([cx - r, cy + r, cx + r, cy + 2 * r], fill=(200, 30, 30))
+        draw.ellipse([cx - r // 2, cy - r // 3, cx - r // 4, cy], fill=(30, 30, 30))
+        draw.ellipse([cx + r // 4, cy - r // 3, cx + r // 2, cy], fill=(30, 30, 30))
+        path = instance_dir / f"{index:03d}.png"
+        image.save(path)
+        if captions:
+            pose = _POSES[index % len(_POSES)]
+            path.with_suffix(".txt").write_text(f"{token}, photo of a {class_word}, {pose}")
+    if reg_images:
+        reg_dir = root / "reg" / f"1_{class_word}"
+        reg_dir.mkdir(parents=True, exist_ok=True)
+        for index in range(reg_images):
+            image = Image.new("RGB", (size, size), tuple(rng.randint(60, 200) for _ in range(3)))
+            draw = ImageDraw.Draw(image)
+            x, y = rng.randint(8, size - 24), rng.randint(8, size - 24)
+            draw.rectangle([x, y, x + 16, y + 16], fill=tuple(rng.randint(0, 255) for _ in range(3)))
+            image.save(reg_dir / f"{index:03d}.png")
+            if captions:
+                (reg_dir / f"{index:03d}.txt").write_text(f"photo of a {class_word}, {_POSES[index % len(_POSES)]}")
+    return root

@@ -1,0 +1,485 @@
+"""SDXL LoRA training (DreamBooth with prior preservation), kohya-compatible in and out. No Ray.
+
+kohya's option names and meanings, peft for the adapters, diffusers for the noise schedule, the
+learning-rate schedules and the conversion to kohya's `lora_unet_…` keys; no LoRA math by hand.
+Checkpoints are one `.safetensors` file each, named as kohya names them
+(`<output_name>-000001.safetensors`, the last without a suffix), with kohya's `ss_*` metadata,
+so A1111, ComfyUI and diffusers load them unchanged.
+
+Determinism is what makes resume exact: a batch's order comes from (seed, epoch) and its noise
+from (seed, step), so a run restarted from its saved state computes the same steps as one that
+never stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from .dataset import Dataset, step_math
+from .errors import FarmError
+from .spec import TrainOptions
+
+STATE_DIR = "state"
+LOG_FILE = "log.csv"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A saved LoRA: the file, and when in training it was taken."""
+
+    run: str
+    path: str
+    epoch: int
+    step: int
+    final: bool
+    sha256: str
+
+
+def checkpoint_name(output_name: str, epoch: int | None = None, step: int | None = None) -> str:
+    """kohya's names: `name-000003.safetensors` per epoch, `name-step00000901` per step, `name` last."""
+    if step is not None:
+        return f"{output_name}-step{step:08d}.safetensors"
+    if epoch is not None:
+        return f"{output_name}-{epoch:06d}.safetensors"
+    return f"{output_name}.safetensors"
+
+
+def _optimizer(options: TrainOptions, groups: list[dict]):
+    import torch
+
+    args = dict(_parse_optimizer_args(options.optimizer_args))
+    kind = options.optimizer_type.lower()
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, **args)
+    if kind == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise FarmError("optimizer_type AdamW8bit needs the bitsandbytes package (and CUDA)") from None
+        return bnb.optim.AdamW8bit(groups, **args)
+    if kind == "adafactor":
+        from transformers.optimization import Adafactor
+
+        args.setdefault("scale_parameter", False)
+        args.setdefault("relative_step", False)
+        args.setdefault("warmup_init", False)
+        return Adafactor(groups, **args)
+    if kind == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise FarmError("optimizer_type Prodigy needs the prodigyopt package") from None
+        return Prodigy(groups, **args)
+    raise FarmError(f"optimizer_type {options.optimizer_type!r}: use AdamW, AdamW8bit, Adafactor or Prodigy")
+
+
+def _parse_optimizer_args(items: list[str]) -> list[tuple[str, object]]:
+    """kohya's `--optimizer_args scale_parameter=False weight_decay=0.01` strings."""
+    parsed = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FarmError(f"optimizer_args: {item!r} is not key=value")
+        try:
+            parsed.append((key.strip(), json.loads(value.strip().replace("True", "true").replace("False", "false"))))
+        except ValueError:
+            parsed.append((key.strip(), value.strip()))
+    return parsed
+
+
+class LoraTrainer:
+    """One training run: model + dataset + options → checkpoints in `out_dir`."""
+
+    def __init__(self, run: str, model_path: str, model_name: str, dataset: Dataset, options: TrainOptions,
+                 out_dir: Path, device: str | None = None):
+        import torch
+
+        from .pipeline import pick_device, quiet_libraries
+
+        quiet_libraries()
+        self.run, self.dataset, self.options, self.out_dir = run, dataset, options, Path(out_dir)
+        self.model_name = model_name
+        self.device = pick_device(device)
+        self.math = step_math(dataset, options.gradient_accumulation_steps, options.max_train_epochs,
+                              options.max_train_steps)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.mixed_precision)
+        if self.dtype is torch.float16 and self.device == "cpu":
+            raise FarmError("mixed_precision fp16 needs a CUDA GPU; use no or bf16")
+        self._load(model_path)
+
+    def _load(self, model_path: str) -> None:
+        import torch
+        from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+        from peft import LoraConfig
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True,
+                                                         local_files_only=True)
+        self.pipe = pipe.to(self.device)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            module.requires_grad_(False)
+        torch.manual_seed(self.options.seed)  # LoRA init draws from torch's global generator
+        config = dict(r=self.options.network_dim, lora_alpha=self.options.network_alpha, init_lora_weights="gaussian")
+        pipe.unet.add_adapter(LoraConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"], **config))
+        self.train_text = not self.options.network_train_unet_only
+        if self.train_text:
+            for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+                encoder.add_adapter(LoraConfig(target_modules=["q_proj", "k_proj", "v_proj", "out_proj"], **config))
+        if self.options.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+        lr = self.options.learning_rate
+        groups = [{"params": self._lora_params(pipe.unet), "lr": self.options.unet_lr or lr}]
+        if self.train_text:
+            text_params = self._lora_params(pipe.text_encoder) + self._lora_params(pipe.text_encoder_2)
+            groups.append({"params": text_params, "lr": self.options.text_encoder_lr or lr})
+        self.optimizer = _optimizer(self.options, groups)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(
+            self.options.lr_scheduler, self.optimizer, num_warmup_steps=self.options.lr_warmup_steps,
+            num_training_steps=self.math.max_train_steps, num_cycles=self.options.lr_scheduler_num_cycles,
+            power=self.options.lr_scheduler_power)
+        self.latents: dict[tuple[str, tuple[int, int]], object] = {}
+        self.prompts: dict[str, tuple] = {}
+
+    @staticmethod
+    def _lora_params(module) -> list:
+        params = [p for n, p in module.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+            p.data = p.data.float()  # LoRA weights train in fp32 whatever the base precision
+        return params
+
+    # --- data -------------------------------------------------------------------------------
+
+    def _latent(self, path: str, bucket: tuple[int, int]):
+        """VAE latents of an image at its bucket size, encoded once (`cache_latents`)."""
+        import torch
+
+        key = (path, bucket)
+        if key in self.latents:
+            return self.latents[key]
+        pixels = _load_image(path, bucket).to(self.device)
+        with torch.no_grad():
+            latent = self.pipe.vae.encode(pixels).latent_dist.mean * self.pipe.vae.config.scaling_factor
+        if self.options.cache_latents:
+            self.latents[key] = latent
+        return latent
+
+    def _encode(self, captions: list[str]):
+        """(prompt_embeds, pooled) for captions; cached when the text encoders are frozen."""
+        import torch
+
+        if self.train_text:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(captions, device=self.device,
+                                                           do_classifier_free_guidance=False)
+            return embeds, pooled
+        missing = [c for c in dict.fromkeys(captions) if c not in self.prompts]
+        if missing:
+            with torch.no_grad():
+                embeds, _, pooled, _ = self.pipe.encode_prompt(missing, device=self.device,
+                                                               do_classifier_free_guidance=False)
+            for i, caption in enumerate(missing):
+                self.prompts[caption] = (embeds[i], pooled[i])
+        return (torch.stack([self.prompts[c][0] for c in captions]),
+                torch.stack([self.prompts[c][1] for c in captions]))
+
+    # --- one step ---------------------------------------------------------------------------
+
+    def loss(self, batch, step: int):
+        """DreamBooth loss for one batch: MSE on the noise, reg images weighted by prior_loss_weight."""
+        import torch
+        import torch.nn.functional as F
+
+        bucket = self.dataset.buckets.bucket_for(batch[0].width, batch[0].height)
+        latents = torch.cat([self._latent(item.path, bucket) for item in batch])
+        generator = torch.Generator(device="cpu").manual_seed(self.options.seed * 1_000_003 + step)
+        noise = torch.randn(latents.shape, generator=generator).to(self.device)
+        if self.options.noise_offset:
+            offset = torch.randn(latents.shape[0], latents.shape[1], 1, 1, generator=generator).to(self.device)
+            noise = noise + self.options.noise_offset * offset
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        embeds, pooled = self._encode([item.caption for item in batch])
+        height, width = bucket[1], bucket[0]
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]] * len(batch), dtype=embeds.dtype,
+                                device=self.device)
+        autocast = torch.autocast(device_type=self.device.split(":")[0], dtype=self.dtype, enabled=self.dtype is not None)
+        with autocast:
+            prediction = self.pipe.unet(noisy, timesteps, embeds,
+                                        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        target = noise
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.options.min_snr_gamma:
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(self.noise_scheduler, timesteps)
+            per_sample = per_sample * torch.clamp(snr, max=self.options.min_snr_gamma) / snr
+        weights = torch.tensor([self.options.prior_loss_weight if item.subset.is_reg else 1.0 for item in batch],
+                               device=self.device)
+        return (per_sample * weights).mean()
+
+    # --- saving -----------------------------------------------------------------------------
+
+    def lora_state(self) -> dict:
+        """The adapters as kohya/webui keys (`lora_unet_…lora_down.weight`, `.alpha`)."""
+        from diffusers.utils import convert_state_dict_to_kohya
+        from peft.utils import get_peft_model_state_dict
+
+        state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(self.pipe.unet).items()}
+        if self.train_text:
+            state.update({f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(self.pipe.text_encoder).items()})
+            state.update({f"text_encoder_2.{k}": v for k, v in get_peft_model_state_dict(self.pipe.text_encoder_2).items()})
+        kohya = convert_state_dict_to_kohya(state)
+        precision = {"fp16": "float16", "bf16": "bfloat16"}.get(self.options.save_precision, "float32")
+        import torch
+
+        dtype = getattr(torch, precision)
+        return {k: v.detach().to("cpu", dtype).contiguous() for k, v in kohya.items()}
+
+    def metadata(self, epoch: int, step: int, started_at: datetime) -> dict[str, str]:
+        """kohya's `ss_*` training metadata (all values are strings in safetensors headers)."""
+        o, d = self.options, self.dataset
+        dirs = {Path(s.image_dir).name: {"n_repeats": s.num_repeats,
+                                          "img_count": sum(1 for i in d.items if i.subset == s)}
+                for s in d.subsets if not s.is_reg}
+        reg_dirs = {Path(s.image_dir).name: {"n_repeats": s.num_repeats,
+                                              "img_count": sum(1 for i in d.items if i.subset == s)}
+                    for s in d.subsets if s.is_reg}
+        meta = {
+            "ss_session_id": self.run,
+            "ss_training_started_at": str(started_at.timestamp()),
+            "ss_output_name": o.output_name,
+            "ss_learning_rate": str(o.learning_rate),
+            "ss_unet_lr": str(o.unet_lr or o.learning_rate),
+            "ss_text_encoder_lr": str(o.text_encoder_lr or o.learning_rate),
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(o.network_dim),
+            "ss_network_alpha": str(o.network_alpha),
+            "ss_network_train_unet_only": str(o.network_train_unet_only),
+            "ss_optimizer": o.optimizer_type + (f"({','.join(o.optimizer_args)})" if o.optimizer_args else ""),
+            "ss_lr_scheduler": o.lr_scheduler,
+            "ss_lr_warmup_steps": str(o.lr_warmup_steps),
+            "ss_num_train_images": str(d.num_train_images),
+            "ss_num_reg_images": str(d.num_reg_images),
+            "ss_num_batches_per_epoch": str(self.math.batches_per_epoch),
+            "ss_num_epochs": str(self.math.epochs),
+            "ss_batch_size_per_device": str(d.batch_size),
+            "ss_gradient_accumulation_steps": str(o.gradient_accumulation_steps),
+            "ss_max_train_steps": str(self.math.max_train_steps),
+            "ss_epoch": str(epoch),
+            "ss_steps": str(step),
+            "ss_mixed_precision": o.mixed_precision,
+            "ss_save_precision": o.save_precision,
+            "ss_gradient_checkpointing": str(o.gradient_checkpointing),
+            "ss_cache_latents": str(o.cache_latents),
+            "ss_seed": str(o.seed),
+            "ss_noise_offset": str(o.noise_offset or "None"),
+            "ss_min_snr_gamma": str(o.min_snr_gamma or "None"),
+            "ss_prior_loss_weight": str(o.prior_loss_weight),
+            "ss_resolution": f"({d.buckets.resolution[0]}, {d.buckets.resolution[1]})",
+            "ss_enable_bucket": str(d.buckets.enable_bucket),
+            "ss_min_bucket_reso": str(d.buckets.min_bucket_reso),
+            "ss_max_bucket_reso": str(d.buckets.max_bucket_reso),
+            "ss_bucket_no_upscale": str(d.buckets.bucket_no_upscale),
+            "ss_dataset_dirs": json.dumps(dirs),
+            "ss_reg_dataset_dirs": json.dumps(reg_dirs),
+            "ss_tag_frequency": json.dumps(d.tag_frequency()),
+            "ss_sd_model_name": self.model_name,
+            "ss_base_model_version": "sdxl_base_v1-0",
+            "ss_v2": "False",
+            "ss_training_finished_at": str(time.time()),
+            "sshs_model_hash": "",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+            "modelspec.title": f"{o.output_name} epoch {epoch}",
+        }
+        return meta
+
+    def save_checkpoint(self, name: str, epoch: int, step: int, started_at: datetime, final: bool) -> Checkpoint:
+        from safetensors.torch import save_file
+
+        from .artifacts import sha256_file
+        from .manifest import write_atomic
+
+        path = self.out_dir / name
+        tmp = self.out_dir / f".{name}.tmp"
+        save_file(self.lora_state(), tmp, metadata=self.metadata(epoch, step, started_at))
+        data = tmp.read_bytes()
+        tmp.unlink()
+        write_atomic(path, data)
+        return Checkpoint(self.run, str(path), epoch, step, final, sha256_file(path))
+
+    def save_state(self, epoch: int, step: int, batch_in_epoch: int, started_at: datetime) -> None:
+        """Everything a resumed run needs: adapters, optimizer, schedule, position."""
+        import torch
+        from peft.utils import get_peft_model_state_dict
+
+        state = {
+            "unet": get_peft_model_state_dict(self.pipe.unet),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
+            "started_at": started_at.isoformat(),
+        }
+        if self.train_text:
+            state["text_encoder"] = get_peft_model_state_dict(self.pipe.text_encoder)
+            state["text_encoder_2"] = get_peft_model_state_dict(self.pipe.text_encoder_2)
+        folder = self.out_dir / STATE_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / ".state.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, folder / "state.pt")
+
+    def load_state(self) -> dict | None:
+        import torch
+        from peft.utils import set_peft_model_state_dict
+
+        path = self.out_dir / STATE_DIR / "state.pt"
+        if not path.is_file():
+            return None
+        state = torch.load(path, map_location=self.device, weights_only=True)  # tensors only: no code
+        set_peft_model_state_dict(self.pipe.unet, state["unet"])
+        if self.train_text:
+            set_peft_model_state_dict(self.pipe.text_encoder, state["text_encoder"])
+            set_peft_model_state_dict(self.pipe.text_encoder_2, state["text_encoder_2"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        return state
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def train(self, stop_after_steps: int | None = None, progress: bool = False) -> Iterator[Checkpoint]:
+        """Run (or resume) to max_train_steps, yielding each checkpoint as it is written.
+
+        `stop_after_steps` ends the run early after saving state (tests use it to stand in for a
+        crash at a known point)."""
+        import torch
+        from tqdm import tqdm
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        o, total = self.options, self.math.max_train_steps
+        resumed = self.load_state()
+        step = resumed["step"] if resumed else 0
+        start_epoch = resumed["epoch"] if resumed else 1
+        skip = resumed["batch_in_epoch"] if resumed else 0
+        started_at = datetime.fromisoformat(resumed["started_at"]) if resumed else datetime.now(timezone.utc)
+        log = _StepLog(self.out_dir / LOG_FILE, append=resumed is not None)
+        bar = tqdm(total=total, initial=step, disable=not progress, desc=self.run, unit="step")
+        accumulation = o.gradient_accumulation_steps
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for epoch in range(start_epoch, self.math.epochs + 1):
+            batches = self.dataset.epoch_batches(o.seed, epoch)
+            for index in range(skip, len(batches), accumulation):
+                began = time.perf_counter()
+                window = batches[index:index + accumulation]
+                loss_value = 0.0
+                for micro in window:
+                    loss = self.loss(micro, step) / len(window)
+                    loss.backward()
+                    loss_value += float(loss.detach())
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                log.write(step, epoch, loss_value, self.lr_scheduler.get_last_lr()[0], time.perf_counter() - began)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch, refresh=False)
+                if o.save_every_n_steps and step % o.save_every_n_steps == 0 and step < total:
+                    yield self.save_checkpoint(checkpoint_name(o.output_name, step=step), epoch, step, started_at, False)
+                if step >= total:
+                    break
+                if stop_after_steps and step >= stop_after_steps:
+                    self.save_state(epoch, step, index + accumulation, started_at)
+                    log.close()
+                    bar.close()
+                    return
+            skip = 0
+            if step >= total:
+                break
+            if o.save_every_n_epochs and epoch % o.save_every_n_epochs == 0 and epoch < self.math.epochs:
+                yield self.save_checkpoint(checkpoint_name(o.output_name, epoch=epoch), epoch, step, started_at, False)
+            self.save_state(epoch + 1, step, 0, started_at)
+        yield self.save_checkpoint(checkpoint_name(o.output_name), self.math.epochs, step, started_at, True)
+        log.close()
+        bar.close()
+        plot_loss(self.out_dir / LOG_FILE, self.out_dir / "loss.png", title=f"{self.run}: loss")
+
+
+class _StepLog:
+    """Per-step CSV: step, epoch, loss, lr, step_s (readable by any spreadsheet or pandas)."""
+
+    def __init__(self, path: Path, append: bool):
+        fresh = not (append and path.is_file())
+        self.handle = open(path, "w" if fresh else "a", newline="")
+        self.writer = csv.writer(self.handle)
+        if fresh:
+            self.writer.writerow(["step", "epoch", "loss", "lr", "step_s"])
+
+    def write(self, step: int, epoch: int, loss: float, lr: float, step_s: float) -> None:
+        self.writer.writerow([step, epoch, f"{loss:.6f}", f"{lr:.6g}", f"{step_s:.4f}"])
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _load_image(path: str, bucket: tuple[int, int]):
+    """An image resized to cover the bucket and center-cropped, as a [-1, 1] tensor."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    width, height = bucket
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        scale = max(width / image.width, height / image.height)
+        size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS)
+        left, top = (size[0] - width) // 2, (size[1] - height) // 2
+        image = image.crop((left, top, left + width, top + height))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+
+
+def plot_loss(log_path: Path, out_path: Path, title: str) -> Path | None:
+    """A small loss-over-steps line chart (Pillow only), with a moving average."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    with open(log_path) as handle:
+        rows = list(csv.DictReader(handle))
+    if len(rows) < 2:
+        return None
+    losses = [float(r["loss"]) for r in rows]
+    window = max(1, len(losses) // 20)
+    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+              for i in range(len(losses))]
+    width, height, pad = 640, 320, 40
+    low, high = min(losses), max(losses)
+    span = (high - low) or 1.0
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=14)
+
+    def point(i: int, value: float) -> tuple[float, float]:
+        return (pad + (width - 2 * pad) * i / (len(losses) - 1), height - pad - (height - 2 * pad) * (value - low) / span)
+
+    draw.rectangle([pad, pad, width - pad, height - pad], outline=(180, 180, 180))
+    draw.line([point(i, v) for i, v in enumerate(losses)], fill=(170, 190, 230), width=1)
+    draw.line([point(i, v) for i, v in enumerate(smooth)], fill=(30, 70, 160), width=2)
+    draw.text((pad, 10), title, font=font, fill="black")
+    draw.text((pad, height - pad + 8), f"step 1 … {len(losses)}   loss {low:.3f} … {high:.3f}", font=font, fill="black")
+    image.save(out_path)
+    return out_path
