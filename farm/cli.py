@@ -24,6 +24,72 @@ def _load_plan(spec_path: str, recorded_seeds: dict | None = None):
     return plan_job(job, Path(spec_path).resolve().parent, spec_path, recorded_seeds)
 
 
+def _train_runs(job, spec_path: str, run_dir: Path):
+    """Each variant of a training job as a TrainRun, with its dataset's step math."""
+    from .artifacts import resolve_model
+    from .dataset import dataset_for, step_math
+    from .train import TrainRun
+
+    base = Path(spec_path).resolve().parent
+    try:
+        model_path = resolve_model(job.model, base)
+    except FarmError as exc:
+        raise FarmError(f"{spec_path}: model: {exc}") from None
+    runs = []
+    for name, options in job.runs().items():
+        try:
+            dataset = dataset_for(options, base)
+        except FarmError as exc:
+            raise FarmError(f"{spec_path}: variants.{name}: {exc}") from None
+        math = step_math(dataset, options.gradient_accumulation_steps, options.max_train_epochs,
+                         options.max_train_steps)
+        runs.append((TrainRun(run=name, model_path=str(model_path), model_name=job.model, options=options,
+                              data_base=str(base), out_dir=str((run_dir / "train" / name).resolve())), math))
+    return runs
+
+
+def _evaluation(job, spec_path: str, recorded_seeds: dict | None):
+    """(replan, seeds): replan(checkpoints) plans the evaluate sweep over the files known so far."""
+    from .plan import plan_job, resolve_seeds
+
+    evaluation = job.evaluation_job()
+    if evaluation is None:
+        return (lambda checkpoints: []), {}, None
+    evaluation, seeds = resolve_seeds(evaluation, recorded_seeds)
+    base = Path(spec_path).resolve().parent
+    plans = {}
+
+    def replan(checkpoints):
+        plans["last"] = plan_job(evaluation, base, spec_path, checkpoints=checkpoints)
+        return plans["last"].tasks
+
+    return replan, seeds, plans
+
+
+def _plan_training(args, job) -> int:
+    from .plan import plan_job
+    from .train import planned_checkpoints
+
+    runs = _train_runs(job, args.spec, Path(args.out or "runs") / job.job)
+    print(f"job {job.job}: {len(runs)} training run(s)")
+    files = {}
+    for train, math in runs:
+        files[train.run] = planned_checkpoints(train.options, math.max_train_steps, math.steps_per_epoch, math.epochs)
+        print(f"  {train.run}: " + "; ".join(math.lines()) + f"; checkpoints: {files[train.run]}")
+    evaluation = job.evaluation_job()
+    if evaluation:
+        from .spec import LoraChoice
+
+        one_lora = evaluation.axes.model_copy(update={"lora": [LoraChoice()]})
+        one_lora._order = evaluation.axes._order
+        plan = plan_job(evaluation.model_copy(update={"axes": one_lora}), Path(args.spec).resolve().parent, args.spec)
+        cells = len(plan.tasks) + plan.folded
+        values = sum(files[choice.run] if choice.run else 1 for choice in evaluation.axes.lora)
+        print(f"  evaluate: {cells} images per checkpoint, {cells * values} in all, each rendered as soon as "
+              "its checkpoint is written")
+    return 0
+
+
 def estimate_s(tasks) -> float:
     from .samplers import fold
 
@@ -41,7 +107,11 @@ def _hms(seconds: float) -> str:
 
 def cmd_plan(args) -> int:
     from .manifest import RunFolder
+    from .spec import TrainJob, load_spec
 
+    job = load_spec(args.spec)
+    if isinstance(job, TrainJob):
+        return _plan_training(args, job)
     run = RunFolder(args.out) if args.out else None
     seeds = run.load_run_info().get("seeds") if run else None
     plan = _load_plan(args.spec, seeds)
@@ -72,8 +142,12 @@ def cmd_run(args) -> int:
     from .manifest import RunFolder
     from .pipeline import PipelineOptions
 
+    from .spec import TrainJob, load_spec
+
     run = RunFolder(args.out)
     info = run.load_run_info()
+    if isinstance(load_spec(args.spec), TrainJob):
+        return _run_training(args, run, info)
     plan = _load_plan(args.spec, info.get("seeds") if info.get("job") else None)
     if info.get("job") and info["job"] != plan.job.job:
         raise FarmError(f"{run.root}: holds job {info['job']!r}, not {plan.job.job!r}; use another --out")
@@ -96,6 +170,43 @@ def cmd_run(args) -> int:
         print(f"  failed: {error}", file=sys.stderr)
     print(f"manifest: {run.manifest_dir}")
     print(f"images:   {run.root / 'images'}")
+    return 1 if summary.failed else 0
+
+
+def _run_training(args, run, info) -> int:
+    from .dispatch import connect, run_study
+    from .pipeline import PipelineOptions
+    from .spec import load_spec
+
+    job = load_spec(args.spec)
+    if info.get("job") and info["job"] != job.job:
+        raise FarmError(f"{run.root}: holds job {info['job']!r}, not {job.job!r}; use another --out")
+    runs = _train_runs(job, args.spec, run.root)
+    for train, math in runs:
+        print(f"{train.run}: " + "; ".join(math.lines()[:2]))
+    replan, seeds, plans = _evaluation(job, args.spec, info.get("seeds"))
+    run.save_run_info({"job": job.job, "spec": str(Path(args.spec).resolve()), "seeds": seeds})
+    options = PipelineOptions(device=args.device, dtype=args.dtype, vae_tiling=args.vae_tiling,
+                              cpu_offload=args.cpu_offload)
+    started_ray = connect(args.address, args.gpus)
+    try:
+        summary = run_study([train for train, _ in runs], replan, run, actors=args.actors,
+                            chunk_size=args.chunk, options=options, quiet=args.quiet)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    if plans and "last" in plans:
+        run.save_run_info({"job": job.job, "spec": str(Path(args.spec).resolve()), "seeds": seeds,
+                           "axes": plans["last"].axis_labels})
+    checkpoints = run.read_checkpoints()
+    print(f"{job.job}: {len(checkpoints)} checkpoints from {len(runs)} run(s) in {run.train_dir}")
+    print(f"evaluation: {summary.ok} rendered, {summary.failed} failed, {summary.skipped} already done "
+          f"in {summary.wall_s:.1f} s")
+    for error in summary.errors[:5]:
+        print(f"  failed: {error}", file=sys.stderr)
+    print(f"manifest: {run.manifest_dir}")
     return 1 if summary.failed else 0
 
 

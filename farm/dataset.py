@@ -320,16 +320,25 @@ def step_math(dataset: Dataset, gradient_accumulation_steps: int = 1, max_train_
                     epochs, gui)
 
 
+def data_path(reference: str, base: Path) -> Path:
+    """A dataset folder: relative to the spec, or inside the built-in `tiny:subject` dataset."""
+    from .tiny import TINY_SUBJECT, resolve_tiny
+
+    if reference.startswith(TINY_SUBJECT):
+        return resolve_tiny(TINY_SUBJECT) / reference[len(TINY_SUBJECT):].lstrip("/")
+    return (base / reference).resolve()
+
+
 def dataset_for(options, base: Path) -> Dataset:
     """The Dataset a run's TrainOptions describe (kohya folders or a kohya dataset TOML)."""
     settings: dict = {}
     if options.dataset_config:
-        subsets, settings = load_dataset_toml((base / options.dataset_config).resolve())
+        subsets, settings = load_dataset_toml(data_path(options.dataset_config, base))
     else:
-        subsets = scan_subsets((base / options.train_data_dir).resolve(), False, options.caption_extension,
+        subsets = scan_subsets(data_path(options.train_data_dir, base), False, options.caption_extension,
                                options.keep_tokens)
         if options.reg_data_dir:
-            subsets += scan_subsets((base / options.reg_data_dir).resolve(), True, options.caption_extension,
+            subsets += scan_subsets(data_path(options.reg_data_dir, base), True, options.caption_extension,
                                     options.keep_tokens)
     bucket_keys = ("enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
     buckets = Buckets(resolution=tuple(settings.get("resolution", options.resolution)),

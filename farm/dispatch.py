@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import RayActorError
 
-from .actors import start_render_actors
+from .actors import start_workers
 from .manifest import ManifestWriter, RunFolder
 from .pipeline import PipelineOptions
 from .plan import Plan, Task
@@ -132,70 +132,172 @@ def _progress(total: int, quiet: bool):
                 smoothing=0.1, desc="render")
 
 
+class _Feed:
+    """Render tasks in and results out for one run folder: what is done, what is queued."""
+
+    def __init__(self, run: RunFolder, quiet: bool, chunk_size: int):
+        self.run, self.chunk_size = run, chunk_size
+        self.done = run.done_ids()
+        self.seen = set(self.done)  # done or queued: never queued twice
+        self.planned: set[str] = set()
+        self.queue = AffinityQueue(OrderedDict())
+        self.writer = ManifestWriter(run)
+        self.attempts: dict[str, int] = {}
+        self.summary = RunSummary(total=0, skipped=0)
+        self.bar = _progress(0, quiet)
+
+    def add(self, tasks: list[Task]) -> None:
+        """Queue the tasks not seen before (re-planning after a new checkpoint adds only those)."""
+        fresh = [t for t in tasks if t.task_id not in self.seen]
+        self.planned.update(t.task_id for t in tasks)
+        self.summary.total = len(self.planned)
+        self.summary.skipped = len(self.planned & self.done)
+        self.seen.update(t.task_id for t in fresh)
+        for group, chunks in make_chunks(fresh, self.chunk_size).items():
+            self.queue.chunks.setdefault(group, deque()).extend(chunks)
+        self.bar.total = (self.bar.total or 0) + len(fresh)
+        self.bar.refresh()
+
+    def record(self, result: RenderResult) -> None:
+        self.writer.add(result)
+        if result.status == "ok":
+            self.summary.ok += 1
+        else:
+            self.summary.failed += 1
+            if len(self.summary.errors) < 20:
+                self.summary.errors.append(f"{result.task.title}: {result.error}")
+        self.bar.update(1)
+        self.bar.set_postfix(ok=self.summary.ok, failed=self.summary.failed, refresh=False)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.bar.close()
+
+
+def _pool_size(actors: int | None, work: int) -> tuple[int, bool]:
+    resources = ray.cluster_resources()
+    use_gpus = resources.get("GPU", 0) >= 1
+    slots = int(resources.get("GPU", 0) if use_gpus else resources.get("CPU", 1))
+    return max(1, min(actors or slots, slots, max(work, 1))), use_gpus
+
+
+def _drive(pool: list, feed: _Feed, trains: deque, depth: int, on_checkpoint=None) -> None:
+    """Keep every worker busy until no work is left: training runs first (a worker takes one
+    when it has no render chunk in flight), render chunks by affinity otherwise. Checkpoints
+    stream back while a run trains, and `on_checkpoint` may queue renders for them at once."""
+    renders: dict = {}  # ref → (worker, chunk)
+    training: dict = {}  # streaming generator → (worker, TrainRun)
+    load = [0] * len(pool)
+    train_attempts: dict[str, int] = {}
+    busy_training: set[int] = set()
+
+    def fill(index: int) -> None:
+        if index in busy_training:
+            return
+        if trains and load[index] == 0:
+            job = trains.popleft()
+            generator = pool[index].train.options(num_returns="streaming", name=f"train {job.run}").remote(job)
+            training[generator] = (index, job)
+            busy_training.add(index)
+            return
+        while load[index] < depth:
+            chunk = feed.queue.take(index)
+            if chunk is None:
+                return
+            name = chunk[0].title if len(chunk) == 1 else f"{chunk[0].title} (+{len(chunk) - 1})"
+            renders[pool[index].render_batch.options(name=name[:80]).remote(chunk)] = (index, chunk)
+            load[index] += 1
+
+    while True:
+        for index in range(len(pool)):
+            fill(index)
+        if not renders and not training:
+            return
+        ready, _ = ray.wait([*renders, *training], num_returns=1)
+        for ref in ready:
+            if ref in training:
+                index, job = training[ref]
+                try:
+                    checkpoint = ray.get(next(ref))
+                except StopIteration:
+                    del training[ref]
+                    busy_training.discard(index)
+                    continue
+                except RayActorError:  # the worker died mid-run: resume from its saved state
+                    del training[ref]
+                    busy_training.discard(index)
+                    train_attempts[job.run] = train_attempts.get(job.run, 0) + 1
+                    if train_attempts[job.run] < MAX_ATTEMPTS:
+                        trains.appendleft(job)
+                    continue
+                if on_checkpoint:
+                    on_checkpoint(checkpoint)
+                continue
+            index, chunk = renders.pop(ref)
+            load[index] -= 1
+            try:
+                results = ray.get(ref)
+            except RayActorError as exc:
+                _requeue_lost(chunk, feed.queue, feed.attempts, feed.record, exc)
+                results = []
+            for result in results:
+                feed.record(result)
+
+
 def run_plan(plan: Plan, run: RunFolder, *, actors: int | None = None, chunk_size: int = 4,
              depth: int = 2, options: PipelineOptions = PipelineOptions(), quiet: bool = False) -> RunSummary:
     """Render every task of `plan` that has no `ok` row in `run`'s manifest, on the current Ray."""
     started = time.perf_counter()
-    done = run.done_ids()
-    pending = [t for t in plan.tasks if t.task_id not in done]
-    summary = RunSummary(total=len(plan.tasks), skipped=len(plan.tasks) - len(pending))
-    if not pending:
-        return summary
-    resources = ray.cluster_resources()
-    use_gpus = resources.get("GPU", 0) >= 1
-    slots = int(resources.get("GPU", 0) if use_gpus else resources.get("CPU", 1))
-    count = max(1, min(actors or slots, slots, len(pending)))
-    pool = start_render_actors(count, options, use_gpus)
-    queue = AffinityQueue(make_chunks(pending, chunk_size))
-    writer = ManifestWriter(run)
-    attempts: dict[str, int] = {}
-    inflight: dict = {}
-    bar = _progress(len(pending), quiet)
-
-    def record(result: RenderResult) -> None:
-        writer.add(result)
-        if result.status == "ok":
-            summary.ok += 1
-        else:
-            summary.failed += 1
-            if len(summary.errors) < 20:
-                summary.errors.append(f"{result.task.title}: {result.error}")
-        bar.update(1)
-        bar.set_postfix(ok=summary.ok, failed=summary.failed, refresh=False)
-
-    def submit(index: int) -> bool:
-        chunk = queue.take(index)
-        if chunk is None:
-            return False
-        name = chunk[0].title if len(chunk) == 1 else f"{chunk[0].title} (+{len(chunk) - 1})"
-        ref = pool[index].render_batch.options(name=name[:80]).remote(chunk)
-        inflight[ref] = (index, chunk)
-        return True
-
+    feed = _Feed(run, quiet, chunk_size)
+    feed.add(plan.tasks)
+    if not any(feed.queue.chunks.values()):
+        feed.close()
+        return feed.summary
+    count, use_gpus = _pool_size(actors, len(plan.tasks))
+    pool = start_workers(count, options, use_gpus)
     try:
-        for index in range(count):
-            for _ in range(depth):
-                submit(index)
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            for ref in ready:
-                index, chunk = inflight.pop(ref)
-                try:
-                    results = ray.get(ref)
-                except RayActorError as exc:
-                    _requeue_lost(chunk, queue, attempts, record, exc)
-                    results = []
-                for result in results:
-                    record(result)
-                submit(index)
+        _drive(pool, feed, deque(), depth)
     finally:
-        writer.flush()
-        bar.close()
-        for actor in pool:
-            ray.kill(actor)
-    summary.lora_switches = queue.switches
-    summary.wall_s = time.perf_counter() - started
-    return summary
+        feed.close()
+        for worker in pool:
+            ray.kill(worker)
+    feed.summary.lora_switches = feed.queue.switches
+    feed.summary.wall_s = time.perf_counter() - started
+    return feed.summary
+
+
+def run_study(trains: list, replan, run: RunFolder, *, actors: int | None = None, chunk_size: int = 4,
+              depth: int = 2, options: PipelineOptions = PipelineOptions(), quiet: bool = False) -> RunSummary:
+    """Train `trains` (TrainRuns) and render their evaluation as each checkpoint appears.
+
+    `replan(checkpoints)` returns the evaluation tasks for the checkpoints known so far; it is
+    called at the start (checkpoints from an earlier, interrupted run) and after every new one.
+    """
+    started = time.perf_counter()
+    feed = _Feed(run, quiet, chunk_size)
+    known = {}
+    for row in run.read_checkpoints():
+        known.setdefault(row["run"], []).append((row["epoch"], row["label"], str(run.root / row["path"])))
+    finished = {row["run"] for row in run.read_checkpoints() if row["final"]}
+    feed.add(replan(known))
+
+    def on_checkpoint(checkpoint) -> None:
+        run.add_checkpoint(checkpoint)
+        known.setdefault(checkpoint.run, []).append((checkpoint.epoch, checkpoint.label, checkpoint.path))
+        feed.add(replan(known))
+
+    pending = deque(job for job in trains if job.run not in finished)
+    count, use_gpus = _pool_size(actors, len(pending) + 1)
+    pool = start_workers(count, options, use_gpus)
+    try:
+        _drive(pool, feed, pending, depth, on_checkpoint)
+    finally:
+        feed.close()
+        for worker in pool:
+            ray.kill(worker)
+    feed.summary.lora_switches = feed.queue.switches
+    feed.summary.wall_s = time.perf_counter() - started
+    return feed.summary
 
 
 def _requeue_lost(chunk: list[Task], queue: AffinityQueue, attempts: dict, record, exc) -> None:

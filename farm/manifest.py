@@ -67,6 +67,22 @@ SCHEMA = pa.schema([
 ])
 
 
+# The training manifest (OUT/train/manifest/): one row per checkpoint file a run wrote.
+TRAIN_SCHEMA = pa.schema([
+    ("run", pa.string()),
+    ("label", pa.string()),  # grid label of the checkpoint: "v002 e7"
+    ("path", pa.string()),  # relative to the run folder
+    ("sha256", pa.string()),
+    ("epoch", pa.int32()),
+    ("step", pa.int64()),
+    ("final", pa.bool_()),
+    ("log_path", pa.string()),  # per-step CSV: step, epoch, loss, lr, step_s
+    ("loss_plot", pa.string()),  # PNG, written with the final checkpoint
+    ("node", pa.string()),
+    ("finished_at", _TIME),
+])
+
+
 def image_relpath(task_id: str) -> str:
     return f"images/{task_id[:2]}/{task_id}.png"
 
@@ -111,6 +127,36 @@ class RunFolder:
         self.root = Path(root)
         self.manifest_dir = self.root / "manifest"
         self.run_file = self.root / "run.json"
+        self.train_dir = self.root / "train"
+        self.train_manifest_dir = self.train_dir / "manifest"
+
+    def add_checkpoint(self, checkpoint) -> None:
+        """Record a training checkpoint (a `train.Checkpoint`) in the training manifest."""
+        folder = Path(checkpoint.path).parent
+        relative = lambda p: os.path.relpath(p, self.root)  # noqa: E731
+        row = {"run": checkpoint.run, "label": checkpoint.label, "path": relative(checkpoint.path),
+               "sha256": checkpoint.sha256, "epoch": checkpoint.epoch, "step": checkpoint.step,
+               "final": checkpoint.final, "log_path": relative(folder / "log.csv"),
+               "loss_plot": relative(folder / "loss.png") if checkpoint.final else "",
+               "node": checkpoint.node, "finished_at": datetime.now(timezone.utc)}
+        self.train_manifest_dir.mkdir(parents=True, exist_ok=True)
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist([row], schema=TRAIN_SCHEMA), sink)
+        name = f"part-{checkpoint.run}-{checkpoint.step:09d}-{uuid.uuid4().hex[:6]}.parquet"
+        write_atomic(self.train_manifest_dir / name, sink.getvalue().to_pybytes())
+
+    def read_checkpoints(self) -> list[dict]:
+        """Checkpoint rows whose file still has the recorded content, oldest first."""
+        if not self.train_manifest_dir.is_dir():
+            return []
+        rows = []
+        for part in sorted(self.train_manifest_dir.glob("part-*.parquet")):
+            try:
+                rows += pq.read_table(part, schema=TRAIN_SCHEMA).to_pylist()
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise ManifestError(f"{part}: unreadable training manifest part: {exc}") from None
+        unique = {(r["run"], r["path"]): r for r in rows if (self.root / r["path"]).is_file()}
+        return sorted(unique.values(), key=lambda r: (r["run"], r["step"]))
 
     def save_image(self, result: RenderResult) -> str:
         relative = image_relpath(result.task.task_id)

@@ -240,11 +240,12 @@ def _lora_label(reference: str) -> str:
     return reference.split("/")[-1] if reference.startswith("tiny:") else Path(reference).stem
 
 
-def with_checkpoints(job: RenderJob, checkpoints: dict[str, list[tuple[int, str]]]) -> RenderJob:
+def with_checkpoints(job: RenderJob, checkpoints: dict[str, list[tuple[int, str, str]]]) -> RenderJob:
     """Replace `lora: {run: v002}` values by that run's checkpoint files known so far.
 
-    `checkpoints` maps a run to its (epoch, path) pairs. Checkpoints not written yet simply
-    have no tasks; planning again after each new file adds exactly the new tasks."""
+    `checkpoints` maps a run to its (epoch, label, path) triples, e.g. (7, "v002 e7", ".../x-000007").
+    Checkpoints not written yet simply have no tasks; planning again after each new file adds
+    exactly the new tasks (their ids are new, the others' are unchanged)."""
     if not job.axes.lora or not any(choice.run for choice in job.axes.lora):
         return job
     loras = []
@@ -252,9 +253,9 @@ def with_checkpoints(job: RenderJob, checkpoints: dict[str, list[tuple[int, str]
         if not choice.run:
             loras.append(choice)
             continue
-        for epoch, path in sorted(checkpoints.get(choice.run, [])):
+        for epoch, label, path in sorted(checkpoints.get(choice.run, [])):
             if choice.epochs == "all" or epoch in choice.epochs:
-                loras.append(LoraChoice(file=path, strength=choice.strength, label=f"{choice.run} e{epoch}"))
+                loras.append(LoraChoice(file=path, strength=choice.strength, label=label))
     axes = job.axes.model_copy(update={"lora": loras})
     axes._order = job.axes._order
     return job.model_copy(update={"axes": axes})
@@ -262,7 +263,7 @@ def with_checkpoints(job: RenderJob, checkpoints: dict[str, list[tuple[int, str]
 
 def plan_job(job: RenderJob, spec_dir: Path, source: str = "<spec>",
              recorded_seeds: dict[str, int] | None = None, hashes: HashCache | None = None,
-             checkpoints: dict[str, list[tuple[int, str]]] | None = None) -> Plan:
+             checkpoints: dict[str, list[tuple[int, str, str]]] | None = None) -> Plan:
     """Expand a job into de-duplicated tasks, ordered by model, then LoRA set, then spec order."""
     job = with_checkpoints(job, checkpoints or {})
     job, seeds = resolve_seeds(job, recorded_seeds)

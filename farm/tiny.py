@@ -24,6 +24,7 @@ from .errors import FarmError, ModelError
 
 TINY_MODEL = "tiny:sdxl"
 TINY_LORA_PREFIX = "tiny:lora/"
+TINY_SUBJECT = "tiny:subject"  # a procedural kohya dataset: img/4_w0ut3r man, reg/1_man
 # Bump when the builders below change, so caches rebuild instead of serving stale weights.
 TINY_VERSION = "1"
 
@@ -202,6 +203,9 @@ def resolve_tiny(reference: str) -> Path:
     """Turn `tiny:sdxl` / `tiny:lora/NAME` into a built, cached path; build it on first use."""
     if reference == TINY_MODEL:
         return save_tiny_model(cache_dir() / "sdxl")
+    if reference == TINY_SUBJECT:
+        return _publish(lambda tmp: write_tiny_dataset(tmp / "subject", images=4, repeats=2, reg_images=4),
+                        cache_dir() / "subject")
     if reference.startswith(TINY_LORA_PREFIX):
         name = reference[len(TINY_LORA_PREFIX):]
         if not name or not name.replace("-", "").replace("_", "").isalnum():

@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import os
+import platform
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -41,6 +42,8 @@ class Checkpoint:
     step: int
     final: bool
     sha256: str
+    label: str  # grid label: "v002 e7" (epoch saves and the last file) or "v002 s901" (step saves)
+    node: str = ""
 
 
 def checkpoint_name(output_name: str, epoch: int | None = None, step: int | None = None) -> str:
@@ -307,19 +310,22 @@ class LoraTrainer:
         }
         return meta
 
-    def save_checkpoint(self, name: str, epoch: int, step: int, started_at: datetime, final: bool) -> Checkpoint:
+    def save_checkpoint(self, name: str, epoch: int, step: int, started_at: datetime, final: bool,
+                        by_step: bool = False) -> Checkpoint:
         from safetensors.torch import save_file
 
         from .artifacts import sha256_file
         from .manifest import write_atomic
 
         path = self.out_dir / name
-        tmp = self.out_dir / f".{name}.tmp"
-        save_file(self.lora_state(), tmp, metadata=self.metadata(epoch, step, started_at))
-        data = tmp.read_bytes()
-        tmp.unlink()
-        write_atomic(path, data)
-        return Checkpoint(self.run, str(path), epoch, step, final, sha256_file(path))
+        if not path.is_file():  # a resumed run recomputes the same weights: keep the file renders used
+            tmp = self.out_dir / f".{name}.tmp"
+            save_file(self.lora_state(), tmp, metadata=self.metadata(epoch, step, started_at))
+            data = tmp.read_bytes()
+            tmp.unlink()
+            write_atomic(path, data)
+        label = f"{self.run} s{step}" if by_step else f"{self.run} e{epoch}"
+        return Checkpoint(self.run, str(path), epoch, step, final, sha256_file(path), label, platform.node())
 
     def save_state(self, epoch: int, step: int, batch_in_epoch: int, started_at: datetime) -> None:
         """Everything a resumed run needs: adapters, optimizer, schedule, position."""
@@ -358,6 +364,25 @@ class LoraTrainer:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         return state
 
+    def fingerprint(self) -> str:
+        """What determines this run's weights: model, options, images and captions."""
+        import hashlib
+
+        items = [(i.path, i.caption, i.subset.num_repeats, i.subset.is_reg) for i in self.dataset.items]
+        payload = json.dumps([self.model_name, self.options.model_dump(mode="json"), items], sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def _claim_out_dir(self) -> None:
+        """Refuse to resume (or keep checkpoints of) a run that was made with other settings."""
+        marker = self.out_dir / "run.json"
+        mine = self.fingerprint()
+        if marker.is_file():
+            if json.loads(marker.read_text()).get("fingerprint") != mine:
+                raise FarmError(f"{self.out_dir}: holds run {self.run!r} trained with other options, images or "
+                                "model; use another --out (or delete that folder)")
+            return
+        marker.write_text(json.dumps({"run": self.run, "fingerprint": mine}, indent=2))
+
     # --- the loop ---------------------------------------------------------------------------
 
     def train(self, stop_after_steps: int | None = None, progress: bool = False) -> Iterator[Checkpoint]:
@@ -369,6 +394,7 @@ class LoraTrainer:
         from tqdm import tqdm
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._claim_out_dir()
         o, total = self.options, self.math.max_train_steps
         resumed = self.load_state()
         step = resumed["step"] if resumed else 0
@@ -398,7 +424,8 @@ class LoraTrainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch, refresh=False)
                 if o.save_every_n_steps and step % o.save_every_n_steps == 0 and step < total:
-                    yield self.save_checkpoint(checkpoint_name(o.output_name, step=step), epoch, step, started_at, False)
+                    yield self.save_checkpoint(checkpoint_name(o.output_name, step=step), epoch, step, started_at,
+                                               False, by_step=True)
                 if step >= total:
                     break
                 if stop_after_steps and step >= stop_after_steps:
@@ -483,3 +510,35 @@ def plot_loss(log_path: Path, out_path: Path, title: str) -> Path | None:
     draw.text((pad, height - pad + 8), f"step 1 … {len(losses)}   loss {low:.3f} … {high:.3f}", font=font, fill="black")
     image.save(out_path)
     return out_path
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """One variant of a training job, as a record a worker on any node can run from."""
+
+    run: str
+    model_path: str
+    model_name: str
+    options: TrainOptions
+    data_base: str  # the folder the options' dataset paths are relative to (the spec's)
+    out_dir: str
+
+
+def train_run(job: TrainRun, device: str | None = None, progress: bool = False) -> Iterator[Checkpoint]:
+    """Train (or resume) one run, yielding its checkpoints as they are written."""
+    from .dataset import dataset_for
+
+    dataset = dataset_for(job.options, Path(job.data_base))
+    trainer = LoraTrainer(job.run, job.model_path, job.model_name, dataset, job.options, Path(job.out_dir), device)
+    yield from trainer.train(progress=progress)
+
+
+def planned_checkpoints(options: TrainOptions, max_train_steps: int, steps_per_epoch: int, epochs: int) -> int:
+    """How many files a run will write: every n epochs / n steps before the end, then the last."""
+    count = 1
+    if options.save_every_n_epochs:
+        count += sum(1 for e in range(1, epochs) if e % options.save_every_n_epochs == 0
+                     and e * steps_per_epoch < max_train_steps)
+    if options.save_every_n_steps:
+        count += (max_train_steps - 1) // options.save_every_n_steps
+    return count

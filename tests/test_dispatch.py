@@ -27,7 +27,7 @@ def test_renders_everything_once_on_both_gpus(ray_cluster, lora_dir, tmp_path):
     table = run.read()
     assert sorted(table["task_id"].to_pylist()) == sorted(t.task_id for t in plan.tasks)
     workers = set(table["worker"].to_pylist())
-    assert {w.split("@")[0] for w in workers} == {"render:gpu0", "render:gpu1"}
+    assert {w.split("@")[0] for w in workers} == {"worker:gpu0", "worker:gpu1"}
     for row in table.to_pylist():
         data = (tmp_path / row["image_path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == row["image_sha256"]
@@ -51,10 +51,10 @@ def test_resume_renders_only_what_is_missing(ray_cluster, lora_dir, tmp_path):
 def test_same_task_on_two_actors_gives_identical_bytes(ray_cluster, lora_dir):
     import ray
 
-    from farm.actors import start_render_actors
+    from farm.actors import start_workers
 
     task = demo_plan(lora_dir).tasks[-1]
-    actors = start_render_actors(2, PipelineOptions(), use_gpus=True)
+    actors = start_workers(2, PipelineOptions(), use_gpus=True)
     try:
         results = ray.get([actor.render_batch.remote([task]) for actor in actors])
         names = ray.get([actor.holds.remote() for actor in actors])

@@ -103,3 +103,11 @@ def test_text_encoder_lora_and_step_checkpoints(data_root, tiny_model, tmp_path)
     assert [c.path.split("/")[-1] for c in checkpoints] == [checkpoint_name("subj", step=4), "subj.safetensors"]
     keys = load_file(checkpoints[-1].path).keys()
     assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+
+
+def test_changed_options_do_not_reuse_an_old_run_folder(data_root, tiny_model, tmp_path):
+    from farm.errors import FarmError
+
+    list(trainer(data_root, tiny_model, tmp_path, max_train_epochs=1).train())
+    with pytest.raises(FarmError, match="trained with other options"):
+        list(trainer(data_root, tiny_model, tmp_path, max_train_epochs=1, network_dim=8).train())

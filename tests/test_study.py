@@ -1,0 +1,92 @@
+"""Training sweeps on the farm: real local Ray with two logical GPUs, tiny model, tiny dataset.
+
+(`dispatch.run_study` is exercised through the `farm` library calls a user's `farm run` makes.)
+"""
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from farm.cli import _evaluation, _train_runs
+from farm.dispatch import run_study
+from farm.manifest import RunFolder
+from farm.spec import parse_spec
+from farm.tiny import write_tiny_dataset
+
+
+def study_spec(tmp_path: Path, variants: dict, prompts=("photo of a man", "photo of a w0ut3r man")) -> Path:
+    write_tiny_dataset(tmp_path / "data", images=4, repeats=1, reg_images=2)
+    return {
+        "job": "study", "model": "tiny:sdxl",
+        "train": {"train_data_dir": "data/img", "resolution": 64, "train_batch_size": 2, "network_dim": 4,
+                  "learning_rate": 1e-3, "max_train_epochs": 1, "save_every_n_epochs": 1},
+        "variants": variants,
+        "evaluate": {"defaults": {"steps": 2, "width": 64, "height": 64, "seed": 11},
+                     "axes": {"prompt": list(prompts)}},
+    }
+
+
+def run(tmp_path, spec):
+    job = parse_spec(spec, str(tmp_path / "study.yaml"))
+    spec_path = str(tmp_path / "study.yaml")
+    folder = RunFolder(tmp_path / "out")
+    trains = [t for t, _ in _train_runs(job, spec_path, folder.root)]
+    replan, _, _ = _evaluation(job, spec_path, None)
+    return folder, run_study(trains, replan, folder, quiet=True)
+
+
+def test_three_variants_on_two_gpus_evaluate_while_training(ray_cluster, tmp_path):
+    spec = study_spec(tmp_path, {"v001": {}, "v002": {"max_train_epochs": 12, "reg_data_dir": "data/reg"},
+                                 "v003": {"network_dim": 2}})
+    folder, summary = run(tmp_path, spec)
+    checkpoints = folder.read_checkpoints()
+    by_run = {}
+    for row in checkpoints:
+        by_run.setdefault(row["run"], []).append(row)
+    assert sorted(by_run) == ["v001", "v002", "v003"]
+    assert len(by_run["v002"]) == 12 and len(by_run["v001"]) == 1
+    assert all((folder.root / r["path"]).is_file() for r in checkpoints)
+    assert (folder.root / by_run["v002"][-1]["loss_plot"]).is_file()
+    assert summary.failed == 0 and summary.ok == 2 * len(checkpoints)
+    table = folder.read()
+    assert table.num_rows == 2 * len(checkpoints)
+    first_render = pc.min(table["started_at"]).as_py()
+    last_training = max(r["finished_at"] for r in by_run["v002"])
+    assert first_render < last_training  # evaluation began while v002 was still training
+    labels = {dict(row["axes"])["lora"] for row in table.to_pylist()}
+    assert {"v001 e1", "v002 e1", "v002 e12", "v003 e1"} <= labels
+
+
+def test_a_killed_worker_resumes_its_run_and_nothing_is_lost(ray_cluster, tmp_path):
+    import psutil
+
+    spec = study_spec(tmp_path, {"v001": {"max_train_epochs": 40}})
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(zip(("folder", "summary"), run(tmp_path, spec))))
+    thread.start()
+    log = tmp_path / "out" / "train" / "v001" / "log.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 50):
+        time.sleep(0.2)
+    assert log.is_file(), "training never started"
+    # Ray titles a busy worker process with its task's name: "ray::train v001", "ray::lora=v001 e1 ..."
+    system = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+    workers = [p for p in psutil.process_iter(["cmdline"])
+               if (title := " ".join(p.info["cmdline"] or []).strip()).startswith("ray::") and title not in system]
+    assert any("train v001" in " ".join(p.info["cmdline"]) for p in workers), "no training worker found"
+    for worker in workers:  # kill -9, as the OOM killer would
+        os.kill(worker.pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    folder, summary = result["folder"], result["summary"]
+    rows = folder.read_checkpoints()
+    assert [r["epoch"] for r in rows] == list(range(1, 41))
+    assert rows[-1]["final"] and rows[-1]["step"] == 80
+    table = folder.read()
+    assert summary.failed == 0 and table.num_rows == 80
+    assert len(set(table["task_id"].to_pylist())) == 80
