@@ -204,10 +204,10 @@ def _run_training(args, run, info) -> int:
     print(f"{job.job}: {len(checkpoints)} checkpoints from {len(runs)} run(s) in {run.train_dir}")
     print(f"evaluation: {summary.ok} rendered, {summary.failed} failed, {summary.skipped} already done "
           f"in {summary.wall_s:.1f} s")
-    for error in summary.errors[:5]:
+    for error in summary.failed_runs + summary.errors[:5]:
         print(f"  failed: {error}", file=sys.stderr)
     print(f"manifest: {run.manifest_dir}")
-    return 1 if summary.failed else 0
+    return 1 if summary.failed or summary.failed_runs else 0
 
 
 def cmd_grid(args) -> int:

@@ -19,7 +19,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from .actors import start_workers
 from .manifest import ManifestWriter, RunFolder
@@ -39,6 +39,7 @@ class RunSummary:
     wall_s: float = 0.0
     lora_switches: int = 0
     errors: list[str] = field(default_factory=list)
+    failed_runs: list[str] = field(default_factory=list)  # training runs that stopped with an error
 
 
 def connect(address: str | None = None, gpus: int | None = None) -> bool:
@@ -223,12 +224,19 @@ def _drive(pool: list, feed: _Feed, trains: deque, depth: int, on_checkpoint=Non
                     del training[ref]
                     busy_training.discard(index)
                     continue
-                except RayActorError:  # the worker died mid-run: resume from its saved state
+                except RayActorError as exc:  # the worker died mid-run: resume from its saved state
                     del training[ref]
                     busy_training.discard(index)
                     train_attempts[job.run] = train_attempts.get(job.run, 0) + 1
                     if train_attempts[job.run] < MAX_ATTEMPTS:
                         trains.appendleft(job)
+                    else:
+                        feed.summary.failed_runs.append(f"{job.run}: worker died {MAX_ATTEMPTS} times: {_first_line(exc)}")
+                    continue
+                except RayTaskError as exc:  # the run itself failed (bad data, bad options): others go on
+                    del training[ref]
+                    busy_training.discard(index)
+                    feed.summary.failed_runs.append(f"{job.run}: {_first_line(exc.cause or exc)}")
                     continue
                 if on_checkpoint:
                     on_checkpoint(checkpoint)
@@ -240,6 +248,8 @@ def _drive(pool: list, feed: _Feed, trains: deque, depth: int, on_checkpoint=Non
             except RayActorError as exc:
                 _requeue_lost(chunk, feed.queue, feed.attempts, feed.record, exc)
                 results = []
+            except RayTaskError as exc:  # the worker itself broke on this chunk: fail its tasks, go on
+                results = [RenderResult(task=t, status="failed", error=_first_line(exc.cause or exc)) for t in chunk]
             for result in results:
                 feed.record(result)
 
@@ -306,10 +316,13 @@ def _requeue_lost(chunk: list[Task], queue: AffinityQueue, attempts: dict, recor
     for task in chunk:
         attempts[task.task_id] = attempts.get(task.task_id, 0) + 1
         if attempts[task.task_id] >= MAX_ATTEMPTS:
-            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            record(RenderResult(task=task, status="failed",
-                                error=f"worker died {MAX_ATTEMPTS} times: {first_line[:300]}"))
+            record(RenderResult(task=task, status="failed", error=f"worker died {MAX_ATTEMPTS} times: {_first_line(exc)}"))
         else:
             retry.append(task)
     if retry:
         queue.put_back(retry)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines() or [type(exc).__name__])[0][:300]

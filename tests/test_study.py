@@ -90,3 +90,16 @@ def test_a_killed_worker_resumes_its_run_and_nothing_is_lost(ray_cluster, tmp_pa
     table = folder.read()
     assert summary.failed == 0 and table.num_rows == 80
     assert len(set(table["task_id"].to_pylist())) == 80
+
+
+def test_a_failing_run_is_reported_and_the_others_go_on(ray_cluster, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes"):
+        pytest.skip("bitsandbytes is installed here, so AdamW8bit does not fail")
+    spec = study_spec(tmp_path, {"v001": {}, "v002": {"optimizer_type": "AdamW8bit"}})
+    folder, summary = run(tmp_path, spec)
+    assert [r["run"] for r in folder.read_checkpoints()] == ["v001"]
+    assert len(summary.failed_runs) == 1 and summary.failed_runs[0].startswith("v002: ")
+    assert "AdamW8bit needs the bitsandbytes package" in summary.failed_runs[0]
+    assert summary.ok == 2
