@@ -24,10 +24,14 @@ def _load_plan(spec_path: str, recorded_seeds: dict | None = None):
     return plan_job(job, Path(spec_path).resolve().parent, spec_path, recorded_seeds)
 
 
-def _train_runs(job, spec_path: str, run_dir: Path):
-    """Each variant of a training job as a TrainRun, with its dataset's step math."""
+def _train_runs(job, spec_path: str, run_dir: Path, reg_folders: dict | None = None):
+    """Each variant of a training job as a TrainRun, with its dataset's step math.
+
+    Variants whose `reg_data_dir` is `generated:NAME` train on `reg_folders[NAME]` once those
+    images exist; before that (for `farm plan`) stand-ins of the planned images fix the math."""
     from .artifacts import resolve_model
     from .dataset import dataset_for, step_math
+    from .regularization import GENERATED, planned_reg_items
     from .train import TrainRun
 
     base = Path(spec_path).resolve().parent
@@ -37,8 +41,17 @@ def _train_runs(job, spec_path: str, run_dir: Path):
         raise FarmError(f"{spec_path}: model: {exc}") from None
     runs = []
     for name, options in job.runs().items():
+        generated = (options.reg_data_dir or "")[len(GENERATED):] if (options.reg_data_dir or "").startswith(GENERATED) else ""
+        if generated and reg_folders is not None:
+            options = options.model_copy(update={"reg_data_dir": str(reg_folders[generated])})
         try:
-            dataset = dataset_for(options, base)
+            if generated and reg_folders is None:
+                dataset = dataset_for(options.model_copy(update={"reg_data_dir": None}), base)
+                subset, items = planned_reg_items(generated, job.reg_sets[generated], base)
+                dataset.subsets.append(subset)
+                dataset.items.extend(items)
+            else:
+                dataset = dataset_for(options, base)
         except FarmError as exc:
             raise FarmError(f"{spec_path}: variants.{name}: {exc}") from None
         math = step_math(dataset, options.gradient_accumulation_steps, options.max_train_epochs,
@@ -178,18 +191,25 @@ def _run_training(args, run, info) -> int:
     from .pipeline import PipelineOptions
     from .spec import load_spec
 
+    from .dispatch import run_plan
+    from .regularization import generate_reg_sets
+
     job = load_spec(args.spec)
     if info.get("job") and info["job"] != job.job:
         raise FarmError(f"{run.root}: holds job {info['job']!r}, not {job.job!r}; use another --out")
-    runs = _train_runs(job, args.spec, run.root)
-    for train, math in runs:
-        print(f"{train.run}: " + "; ".join(math.lines()[:2]))
+    _train_runs(job, args.spec, run.root)  # check every variant's data before anything runs
     replan, seeds, plans = _evaluation(job, args.spec, info.get("seeds"))
     run.save_run_info({"job": job.job, "spec": str(Path(args.spec).resolve()), "seeds": seeds})
     options = PipelineOptions(device=args.device, dtype=args.dtype, vae_tiling=args.vae_tiling,
                               cpu_offload=args.cpu_offload)
     started_ray = connect(args.address, args.gpus)
     try:
+        render = lambda plan, folder: run_plan(plan, folder, actors=args.actors, chunk_size=args.chunk,  # noqa: E731
+                                               options=options, quiet=args.quiet)
+        reg_folders = generate_reg_sets(job, Path(args.spec).resolve().parent, run.root, render)
+        runs = _train_runs(job, args.spec, run.root, reg_folders)
+        for train, math in runs:
+            print(f"{train.run}: " + "; ".join(math.lines()[:2]))
         summary = run_study([train for train, _ in runs], replan, run, actors=args.actors,
                             chunk_size=args.chunk, options=options, quiet=args.quiet)
     finally:

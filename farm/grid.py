@@ -63,6 +63,19 @@ def wrap(text: str, font, width: int) -> list[str]:
     return lines
 
 
+def _wrap_items(items: list[str], font, width: int, sep: str = "  ·  ") -> list[str]:
+    """Lines of `a · b · c`, breaking only between items (a seed never splits from its name)."""
+    lines, line = [], ""
+    for item in items:
+        candidate = f"{line}{sep}{item}" if line else item
+        if line and font.getlength(candidate) > width:
+            lines.append(line)
+            line = item
+        else:
+            line = candidate
+    return lines + ([line] if line else [])
+
+
 def _cells(table) -> list[Cell]:
     rows = table.to_pylist()
     return [Cell(labels=dict(cell), row=row) for row in rows for cell in row["cells"]]
@@ -157,9 +170,8 @@ def draw_page(run: RunFolder, page: Page, cell_px: int) -> Image.Image:
     row_w = cell_px
     row_lines = [wrap(label, label_font, row_w - 8) for label in page.row_labels]
     header_h = max(len(lines) for lines in col_lines) * line_h + 12
-    fixed_text = "  ·  ".join(f"{k}: {v}" for k, v in page.fixed.items())
     width = row_w + cell_px * len(page.col_labels)
-    title_lines = [page.title] + wrap(fixed_text, label_font, width - 16)
+    title_lines = [page.title] + _wrap_items([f"{k}: {v}" for k, v in page.fixed.items()], label_font, width - 16)
     title_h = int(title_font.size * 1.4) + line_h * (len(title_lines) - 1) + 8
     cell_h = cell_px  # images are square-ish; taller ones are cropped by the paste box
     height = title_h + header_h + cell_h * len(page.row_labels)

@@ -293,6 +293,37 @@ class TrainOptions(Strict):
         return self
 
 
+class RegSet(Strict):
+    """Regularization images the farm renders before training, in kohya's layout (`1_man/`).
+
+    Either from the instance captions with the instance token removed (`w0ut3r, photo of a man,
+    smiling` → `photo of a man, smiling`: the first seed's best-performing choice), or from one
+    class prompt (`photo of a man`)."""
+
+    from_captions: Optional[str] = None  # the instance folder (kohya `img/`) whose captions become prompts
+    token: Optional[str] = None  # removed from captions; default: the token in the folder name
+    prompt: Optional[str] = None  # one class prompt instead
+    count: Annotated[int, _between(1, 100000)] = 1  # images per caption (or of the prompt)
+    class_word: Optional[str] = None  # folder `<repeats>_<class_word>`; default: the instance class
+    repeats: Annotated[int, _between(1, 1000)] = 1
+    captions: bool = True  # write the prompt as a .txt caption beside each image
+    negative: str = ""
+    steps: Steps = 20
+    cfg: Cfg = 7.0
+    sampler: SamplerName = "dpmpp_2s_ancestral"
+    width: Side = 1024
+    height: Side = 1024
+    seed: Annotated[int, _between(0, MAX_SEED)] = 0  # image k of a prompt uses seed + k
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if bool(self.from_captions) == bool(self.prompt):
+            raise ValueError("give from_captions (an instance folder) or prompt, not both or neither")
+        if self.prompt and not self.class_word:
+            raise ValueError("class_word is needed with prompt (it names the folder, e.g. 1_man)")
+        return self
+
+
 class Evaluate(Strict):
     """The render sweep over a training job's checkpoints (as a render job, without job/model)."""
 
@@ -310,12 +341,16 @@ class TrainJob(Strict):
     train: dict[str, Any]
     variants: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"run": {}})
     evaluate: Optional[Evaluate] = None
+    reg_sets: dict[str, RegSet] = Field(default_factory=dict)  # use as reg_data_dir: generated:NAME
 
     @model_validator(mode="after")
     def _check_variants(self):
-        for name in self.variants:
+        for name in list(self.variants) + list(self.reg_sets):
             _check_name(name)
-        self.runs()  # every variant must make valid options
+        for name, options in self.runs().items():  # every variant must make valid options
+            wanted = options.reg_data_dir or ""
+            if wanted.startswith("generated:") and wanted[len("generated:"):] not in self.reg_sets:
+                raise ValueError(f"variants.{name}.reg_data_dir: no reg_sets entry {wanted[len('generated:'):]!r}")
         return self
 
     def runs(self) -> dict[str, TrainOptions]:
