@@ -293,6 +293,8 @@ def run_study(trains: list, replan, run: RunFolder, *, actors: int | None = None
 
     def on_checkpoint(checkpoint) -> None:
         run.add_checkpoint(checkpoint)
+        if not quiet:
+            feed.bar.write(f"checkpoint {checkpoint.label}: {checkpoint.path} (step {checkpoint.step})")
         known.setdefault(checkpoint.run, []).append((checkpoint.epoch, checkpoint.label, checkpoint.path))
         feed.add(replan(known))
 

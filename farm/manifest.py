@@ -155,7 +155,7 @@ class RunFolder:
                 rows += pq.read_table(part, schema=TRAIN_SCHEMA).to_pylist()
             except (pa.ArrowInvalid, OSError) as exc:
                 raise ManifestError(f"{part}: unreadable training manifest part: {exc}") from None
-        unique = {(r["run"], r["path"]): r for r in rows if (self.root / r["path"]).is_file()}
+        unique = {(r["run"], r["path"]): r for r in rows if (self.root / r["path"]).exists()}
         return sorted(unique.values(), key=lambda r: (r["run"], r["step"]))
 
     def save_image(self, result: RenderResult) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .artifacts import HashCache, resolve_lora, resolve_model
 from .errors import FarmError, SpecError
-from .spec import LoraChoice, RenderJob
+from .spec import RenderJob
 
 # Bump when the renderer changes in a way that changes pixels for the same settings.
 RENDER_VERSION = 1
@@ -187,8 +187,8 @@ class _Expander:
             settings["width"], settings["height"] = value.width, value.height
             return f"{value.width}x{value.height}"
         if axis == "model":
-            settings["model"], settings["model_where"] = value, f"axes.model[{index}]"
-            return Path(value).stem if not value.startswith("tiny:") else value
+            settings["model"], settings["model_where"] = value.file, f"axes.model[{index}]"
+            return value.label or (Path(value.file).stem if not value.file.startswith("tiny:") else value.file)
         if axis in ("seed", "sampler", "steps", "cfg"):
             settings[axis] = value
             return f"{value:g}" if isinstance(value, float) else str(value)
@@ -246,17 +246,23 @@ def with_checkpoints(job: RenderJob, checkpoints: dict[str, list[tuple[int, str,
     `checkpoints` maps a run to its (epoch, label, path) triples, e.g. (7, "v002 e7", ".../x-000007").
     Checkpoints not written yet simply have no tasks; planning again after each new file adds
     exactly the new tasks (their ids are new, the others' are unchanged)."""
-    if not job.axes.lora or not any(choice.run for choice in job.axes.lora):
-        return job
-    loras = []
-    for choice in job.axes.lora:
-        if not choice.run:
-            loras.append(choice)
+    update = {}
+    for axis in ("lora", "model"):
+        choices = getattr(job.axes, axis)
+        if not choices or not any(choice.run for choice in choices):
             continue
-        for epoch, label, path in sorted(checkpoints.get(choice.run, [])):
-            if choice.epochs == "all" or epoch in choice.epochs:
-                loras.append(LoraChoice(file=path, strength=choice.strength, label=label))
-    axes = job.axes.model_copy(update={"lora": loras})
+        values = []
+        for choice in choices:
+            if not choice.run:
+                values.append(choice)
+                continue
+            for epoch, label, path in sorted(checkpoints.get(choice.run, [])):
+                if choice.epochs == "all" or epoch in choice.epochs:
+                    values.append(choice.model_copy(update={"file": path, "label": label, "run": None}))
+        update[axis] = values
+    if not update:
+        return job
+    axes = job.axes.model_copy(update=update)
     axes._order = job.axes._order
     return job.model_copy(update={"axes": axes})
 

@@ -100,6 +100,26 @@ class LoraChoice(Strict):
         return self
 
 
+def _model_item(value: Any) -> Any:
+    return {"file": value} if isinstance(value, str) else value
+
+
+class ModelChoice(Strict):
+    """One model cell: a diffusers folder or `.safetensors` checkpoint. In a training job's
+    `evaluate` sweep, `run: v001` stands for a full-DreamBooth run's checkpoints."""
+
+    file: Optional[str] = None
+    label: Optional[str] = None  # grid label; default: the file or folder name
+    run: Optional[str] = None
+    epochs: Union[Literal["all"], list[Annotated[int, _between(1, 100000)]]] = "all"
+
+    @model_validator(mode="after")
+    def _file_or_run(self):
+        if bool(self.file) == bool(self.run):
+            raise ValueError("give file or run")
+        return self
+
+
 def _size_item(value: Any) -> Any:
     if isinstance(value, str):
         match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", value)
@@ -139,7 +159,7 @@ class Axes(Strict):
     steps: Optional[list[Steps]] = None
     cfg: Optional[list[Cfg]] = None
     size: Optional[list[Annotated[Size, BeforeValidator(_size_item)]]] = None
-    model: Optional[list[str]] = None
+    model: Optional[list[Annotated[ModelChoice, BeforeValidator(_model_item)]]] = None
     # A1111's Prompt S/R: per named axis, the first value is searched for in the prompt and
     # negative, and each value (the first included) replaces it.
     replace: Optional[dict[str, list[str]]] = None
@@ -243,6 +263,7 @@ Positive = Annotated[int, _between(1, 10_000_000)]
 class TrainOptions(Strict):
     """One training run's options, with kohya sd-scripts' names and meanings."""
 
+    mode: Literal["lora", "dreambooth"] = "lora"  # dreambooth: train the whole UNet (sdxl_train.py)
     train_data_dir: Optional[str] = None  # kohya layout: sub-folders `<repeats>_<token> <class>`
     reg_data_dir: Optional[str] = None  # sub-folders `<repeats>_<class>`
     dataset_config: Optional[str] = None  # a kohya dataset TOML instead of the two folders
@@ -347,7 +368,12 @@ class TrainJob(Strict):
     def _check_variants(self):
         for name in list(self.variants) + list(self.reg_sets):
             _check_name(name)
-        for name, options in self.runs().items():  # every variant must make valid options
+        runs = self.runs()
+        if self.evaluate and self.evaluate.axes.lora is None and self.evaluate.axes.model is None \
+                and len({o.mode for o in runs.values()}) > 1:
+            raise ValueError("evaluate: variants mix lora and dreambooth modes: list evaluate.axes.lora "
+                             "and evaluate.axes.model yourself")
+        for name, options in runs.items():  # every variant must make valid options
             wanted = options.reg_data_dir or ""
             if wanted.startswith("generated:") and wanted[len("generated:"):] not in self.reg_sets:
                 raise ValueError(f"variants.{name}.reg_data_dir: no reg_sets entry {wanted[len('generated:'):]!r}")
@@ -371,10 +397,14 @@ class TrainJob(Strict):
         if self.evaluate is None:
             return None
         axes = self.evaluate.axes
-        if axes.lora is None:
-            loras = [LoraChoice(run=name) for name in self.variants]
-            axes = axes.model_copy(update={"lora": loras})
-            axes._order = ("lora", *(axes._order or ()))
+        modes = {options.mode for options in self.runs().values()}
+        if axes.lora is None and axes.model is None:
+            if modes == {"dreambooth"}:  # (mixed modes are rejected when the spec is read)
+                axes = axes.model_copy(update={"model": [ModelChoice(run=name) for name in self.variants]})
+                axes._order = ("model", *(self.evaluate.axes._order or ()))
+            else:
+                axes = axes.model_copy(update={"lora": [LoraChoice(run=name) for name in self.variants]})
+                axes._order = ("lora", *(self.evaluate.axes._order or ()))
         return RenderJob(job=self.job, model=self.model, defaults=self.evaluate.defaults, axes=axes,
                          zip=self.evaluate.zip)
 

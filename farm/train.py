@@ -98,8 +98,11 @@ def _parse_optimizer_args(items: list[str]) -> list[tuple[str, object]]:
     return parsed
 
 
-class LoraTrainer:
-    """One training run: model + dataset + options → checkpoints in `out_dir`."""
+class Trainer:
+    """One training run: model + dataset + options → checkpoints in `out_dir`.
+
+    `mode: lora` trains peft adapters and writes kohya LoRA files; `mode: dreambooth` trains the
+    whole UNet (kohya's sdxl_train.py) and writes each checkpoint as a diffusers model folder."""
 
     def __init__(self, run: str, model_path: str, model_name: str, dataset: Dataset, options: TrainOptions,
                  out_dir: Path, device: str | None = None):
@@ -129,6 +132,10 @@ class LoraTrainer:
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.requires_grad_(False)
+        self.full = self.options.mode == "dreambooth"
+        if self.full:
+            self._load_full()
+            return
         torch.manual_seed(self.options.seed)  # LoRA init draws from torch's global generator
         config = dict(r=self.options.network_dim, lora_alpha=self.options.network_alpha, init_lora_weights="gaussian")
         pipe.unet.add_adapter(LoraConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"], **config))
@@ -143,9 +150,21 @@ class LoraTrainer:
         if self.train_text:
             text_params = self._lora_params(pipe.text_encoder) + self._lora_params(pipe.text_encoder_2)
             groups.append({"params": text_params, "lr": self.options.text_encoder_lr or lr})
-        self.optimizer = _optimizer(self.options, groups)
+        self._finish_setup(groups)
+
+    def _load_full(self) -> None:
+        """Full DreamBooth: every UNet weight trains; text encoders and VAE stay frozen."""
+        self.train_text = False
+        self.pipe.unet.requires_grad_(True)
+        if self.options.gradient_checkpointing:
+            self.pipe.unet.enable_gradient_checkpointing()
+        self._finish_setup([{"params": list(self.pipe.unet.parameters()),
+                             "lr": self.options.unet_lr or self.options.learning_rate}])
+
+    def _finish_setup(self, groups: list[dict]) -> None:
         from diffusers.optimization import get_scheduler
 
+        self.optimizer = _optimizer(self.options, groups)
         self.lr_scheduler = get_scheduler(
             self.options.lr_scheduler, self.optimizer, num_warmup_steps=self.options.lr_warmup_steps,
             num_training_steps=self.math.max_train_steps, num_cycles=self.options.lr_scheduler_num_cycles,
@@ -304,7 +323,7 @@ class LoraTrainer:
             "ss_v2": "False",
             "ss_training_finished_at": str(time.time()),
             "sshs_model_hash": "",
-            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base" + ("" if self.full else "/lora"),
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
             "modelspec.title": f"{o.output_name} epoch {epoch}",
         }
@@ -312,6 +331,10 @@ class LoraTrainer:
 
     def save_checkpoint(self, name: str, epoch: int, step: int, started_at: datetime, final: bool,
                         by_step: bool = False) -> Checkpoint:
+        label = f"{self.run} s{step}" if by_step else f"{self.run} e{epoch}"
+        if self.full:
+            path, sha = self._save_model_folder(name.removesuffix(".safetensors"), epoch, step, started_at)
+            return Checkpoint(self.run, str(path), epoch, step, final, sha, label, platform.node())
         from safetensors.torch import save_file
 
         from .artifacts import sha256_file
@@ -324,16 +347,36 @@ class LoraTrainer:
             data = tmp.read_bytes()
             tmp.unlink()
             write_atomic(path, data)
-        label = f"{self.run} s{step}" if by_step else f"{self.run} e{epoch}"
         return Checkpoint(self.run, str(path), epoch, step, final, sha256_file(path), label, platform.node())
+
+    def _save_model_folder(self, name: str, epoch: int, step: int, started_at: datetime) -> tuple[Path, str]:
+        """A full-DreamBooth checkpoint: a diffusers SDXL folder (safetensors), published by rename."""
+        import shutil
+        import tempfile
+
+        from .artifacts import HashCache
+
+        path = self.out_dir / name
+        if not path.is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.out_dir))
+            self.pipe.save_pretrained(tmp, safe_serialization=True)
+            (tmp / "sdfarm_training.json").write_text(json.dumps(self.metadata(epoch, step, started_at), indent=1))
+            for item in [tmp, *tmp.rglob("*")]:
+                item.chmod(0o755 if item.is_dir() else 0o644)
+            try:
+                os.replace(tmp, path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return path, HashCache().model(path)
 
     def save_state(self, epoch: int, step: int, batch_in_epoch: int, started_at: datetime) -> None:
         """Everything a resumed run needs: adapters, optimizer, schedule, position."""
         import torch
         from peft.utils import get_peft_model_state_dict
 
+        unet = self.pipe.unet.state_dict() if self.full else get_peft_model_state_dict(self.pipe.unet)
         state = {
-            "unet": get_peft_model_state_dict(self.pipe.unet),
+            "unet": unet,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
@@ -356,7 +399,10 @@ class LoraTrainer:
         if not path.is_file():
             return None
         state = torch.load(path, map_location=self.device, weights_only=True)  # tensors only: no code
-        set_peft_model_state_dict(self.pipe.unet, state["unet"])
+        if self.full:
+            self.pipe.unet.load_state_dict(state["unet"])
+        else:
+            set_peft_model_state_dict(self.pipe.unet, state["unet"])
         if self.train_text:
             set_peft_model_state_dict(self.pipe.text_encoder, state["text_encoder"])
             set_peft_model_state_dict(self.pipe.text_encoder_2, state["text_encoder_2"])
@@ -403,8 +449,13 @@ class LoraTrainer:
         started_at = datetime.fromisoformat(resumed["started_at"]) if resumed else datetime.now(timezone.utc)
         log = _StepLog(self.out_dir / LOG_FILE, append=resumed is not None)
         bar = tqdm(total=total, initial=step, disable=not progress, desc=self.run, unit="step")
+        report_every = max(1, total // 10)  # ~10 progress lines a run in the worker's log (Ray dashboard)
+        began_run = time.perf_counter()
+        first_step = step
         accumulation = o.gradient_accumulation_steps
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        # fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.dtype is torch.float16)
         for epoch in range(start_epoch, self.math.epochs + 1):
             batches = self.dataset.epoch_batches(o.seed, epoch)
             for index in range(skip, len(batches), accumulation):
@@ -413,16 +464,23 @@ class LoraTrainer:
                 loss_value = 0.0
                 for micro in window:
                     loss = self.loss(micro, step) / len(window)
-                    loss.backward()
+                    scaler.scale(loss).backward()
                     loss_value += float(loss.detach())
+                scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
-                self.optimizer.step()
+                scaler.step(self.optimizer)
+                scaler.update()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 step += 1
                 log.write(step, epoch, loss_value, self.lr_scheduler.get_last_lr()[0], time.perf_counter() - began)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch, refresh=False)
+                if not progress and (step % report_every == 0 or step == total):
+                    rate = (time.perf_counter() - began_run) / (step - first_step)
+                    print(f"[train {self.run}] step {step}/{total} epoch {epoch}/{self.math.epochs} "
+                          f"loss {loss_value:.4f} lr {self.lr_scheduler.get_last_lr()[0]:.3g} "
+                          f"{rate:.2f} s/step, ETA {rate * (total - step):.0f} s", flush=True)
                 if o.save_every_n_steps and step % o.save_every_n_steps == 0 and step < total:
                     yield self.save_checkpoint(checkpoint_name(o.output_name, step=step), epoch, step, started_at,
                                                False, by_step=True)
@@ -529,7 +587,7 @@ def train_run(job: TrainRun, device: str | None = None, progress: bool = False) 
     from .dataset import dataset_for
 
     dataset = dataset_for(job.options, Path(job.data_base))
-    trainer = LoraTrainer(job.run, job.model_path, job.model_name, dataset, job.options, Path(job.out_dir), device)
+    trainer = Trainer(job.run, job.model_path, job.model_name, dataset, job.options, Path(job.out_dir), device)
     yield from trainer.train(progress=progress)
 
 

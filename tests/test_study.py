@@ -103,3 +103,21 @@ def test_a_failing_run_is_reported_and_the_others_go_on(ray_cluster, tmp_path):
     assert len(summary.failed_runs) == 1 and summary.failed_runs[0].startswith("v002: ")
     assert "AdamW8bit needs the bitsandbytes package" in summary.failed_runs[0]
     assert summary.ok == 2
+
+
+def test_full_dreambooth_runs_are_evaluated_as_models(ray_cluster, tmp_path):
+    spec = study_spec(tmp_path, {"db1": {"mode": "dreambooth", "learning_rate": 1e-5}})
+    folder, summary = run(tmp_path, spec)
+    rows = folder.read_checkpoints()
+    assert [r["label"] for r in rows] == ["db1 e1"] and (folder.root / rows[0]["path"] / "model_index.json").is_file()
+    table = folder.read().to_pylist()
+    assert summary.ok == 2 and {dict(r["axes"])["model"] for r in table} == {"db1 e1"}
+    assert all(r["model_sha256"] == rows[0]["sha256"] for r in table)
+
+
+def test_mixed_modes_need_explicit_evaluation_axes(tmp_path):
+    from farm.errors import SpecError
+
+    spec = study_spec(tmp_path, {"a": {}, "b": {"mode": "dreambooth"}})
+    with pytest.raises(SpecError, match="variants mix lora and dreambooth"):
+        parse_spec(spec, "s.yaml")

@@ -14,7 +14,7 @@ from farm.dataset import dataset_for
 from farm.plan import plan_job
 from farm.spec import TrainOptions, parse_spec
 from farm.tiny import write_tiny_dataset
-from farm.train import LoraTrainer, checkpoint_name
+from farm.train import Trainer, checkpoint_name
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def trainer(data_root, tiny_model, out, **options):
                   network_alpha=4, learning_rate=1e-3, output_name="subj", max_train_epochs=2, save_every_n_epochs=1)
     values.update(options)
     opts = TrainOptions(**values)
-    return LoraTrainer("v1", str(tiny_model), "tiny", dataset_for(opts, data_root), opts, out)
+    return Trainer("v1", str(tiny_model), "tiny", dataset_for(opts, data_root), opts, out)
 
 
 def losses(folder):
@@ -111,3 +111,18 @@ def test_changed_options_do_not_reuse_an_old_run_folder(data_root, tiny_model, t
     list(trainer(data_root, tiny_model, tmp_path, max_train_epochs=1).train())
     with pytest.raises(FarmError, match="trained with other options"):
         list(trainer(data_root, tiny_model, tmp_path, max_train_epochs=1, network_dim=8).train())
+
+
+def test_full_dreambooth_writes_model_folders_that_render(data_root, tiny_model, tmp_path, renderer):
+    run = trainer(data_root, tiny_model, tmp_path, mode="dreambooth", learning_rate=1e-4, max_train_epochs=2)
+    checkpoints = list(run.train())
+    assert [c.path.split("/")[-1] for c in checkpoints] == ["subj-000001", "subj"]
+    folder = tmp_path / "subj"
+    assert (folder / "model_index.json").is_file() and list((folder / "unet").glob("*.safetensors"))
+    meta = json.loads((folder / "sdfarm_training.json").read_text())
+    assert meta["ss_epoch"] == "2" and meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+    spec = {"job": "e", "model": "tiny:sdxl", "defaults": {"prompt": "w0ut3r man", "steps": 3, "width": 64,
+            "height": 64, "seed": 5}, "axes": {"model": ["tiny:sdxl", str(folder)]}}
+    results = [renderer.render(t) for t in plan_job(parse_spec(spec), tmp_path).tasks]
+    assert all(r.status == "ok" for r in results), [r.error for r in results]
+    assert results[0].image_sha256 != results[1].image_sha256
