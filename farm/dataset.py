@@ -338,8 +338,8 @@ def dataset_for(options, base: Path) -> Dataset:
         subsets = scan_subsets(data_path(options.train_data_dir, base), False, options.caption_extension,
                                options.keep_tokens)
         if options.reg_data_dir:
-            subsets += scan_subsets(data_path(options.reg_data_dir, base), True, options.caption_extension,
-                                    options.keep_tokens)
+            subsets += scan_subsets(data_path(options.reg_data_dir, base), True,
+                                    options.reg_caption_extension or options.caption_extension, options.keep_tokens)
     bucket_keys = ("enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
     buckets = Buckets(resolution=tuple(settings.get("resolution", options.resolution)),
                       **{key: settings.get(key, getattr(options, key)) for key in bucket_keys})

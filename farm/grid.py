@@ -117,21 +117,31 @@ def build_pages(run: RunFolder, rows_axis: str, cols_axis: str, pages_axis: list
             raise FarmError(f"{option} {axis}: not an axis of this run (axes: {', '.join(axes) or 'none'})")
     if rows_axis == cols_axis:
         raise FarmError("--rows and --cols must be different axes")
+    wanted = {rows_axis, cols_axis, *(pages_axis or [])}
+    cells = [c for c in cells if wanted <= c.labels.keys()]  # tables (sweeps) without these axes
+    if not cells:
+        raise FarmError(f"no table of this run has both {rows_axis} and {cols_axis}")
+    axes = list(dict.fromkeys(axis for cell in cells for axis in cell.labels))
+    for cell in cells:  # an axis only some tables have: the others show as "-" on it
+        for axis in axes:
+            cell.labels.setdefault(axis, "-")
     varying = [a for a in axes if len({c.labels[a] for c in cells}) > 1]
     page_axes = list(pages_axis or []) + [a for a in varying if a not in (rows_axis, cols_axis, *(pages_axis or []))]
-    page_values = [_ordered_labels(cells, a, planned) for a in page_axes]
+    all_planned = {axis: [l for table in planned.values() for l in table.get(axis, [])] for axis in axes}
+    page_values = [_ordered_labels(cells, a, {a: list(dict.fromkeys(all_planned[a]))}) for a in page_axes]
     pages = []
     for combo in itertools.product(*page_values) if page_axes else [()]:
         selected = [c for c in cells if all(c.labels[a] == v for a, v in zip(page_axes, combo))]
         if not selected:  # nothing of this page rendered yet: skip rather than draw all blanks
             continue
+        planned_here = planned.get(selected[0].labels["sweep"] if "sweep" in axes else "", {})
         fixed = _fixed_settings(selected)
         fixed.update({a: v for a, v in zip(page_axes, combo)})
         fixed.update({a: selected[0].labels[a] for a in axes if a not in varying})
         pages.append(Page(
             title=f"{table['job'][0].as_py()}: rows {rows_axis}, columns {cols_axis}",
-            row_labels=_ordered_labels(selected, rows_axis, planned),
-            col_labels=_ordered_labels(selected, cols_axis, planned),
+            row_labels=_ordered_labels(selected, rows_axis, planned_here),
+            col_labels=_ordered_labels(selected, cols_axis, planned_here),
             cells={(c.labels[rows_axis], c.labels[cols_axis]): c.row for c in selected},
             fixed=fixed,
         ))

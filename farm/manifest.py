@@ -70,7 +70,7 @@ SCHEMA = pa.schema([
 # The training manifest (OUT/train/manifest/): one row per checkpoint file a run wrote.
 TRAIN_SCHEMA = pa.schema([
     ("run", pa.string()),
-    ("label", pa.string()),  # grid label of the checkpoint: "v002 e7"
+    ("label", pa.string()),  # grid label of the checkpoint: "v002 epoch 7"
     ("path", pa.string()),  # relative to the run folder
     ("sha256", pa.string()),
     ("epoch", pa.int32()),

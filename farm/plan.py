@@ -78,7 +78,8 @@ class Plan:
     tasks: list[Task]
     seeds: dict[str, int] = field(default_factory=dict)  # resolved `-1` seeds by spec location
     folded: int = 0  # grid cells that share an image with another cell
-    axis_labels: dict[str, list[str]] = field(default_factory=dict)  # grid order of each axis
+    # grid order of each axis, per sweep ("" when the job has one table): {"": {"lora": [...]}}
+    axis_labels: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     @property
     def groups(self) -> list[tuple]:
@@ -243,7 +244,7 @@ def _lora_label(reference: str) -> str:
 def with_checkpoints(job: RenderJob, checkpoints: dict[str, list[tuple[int, str, str]]]) -> RenderJob:
     """Replace `lora: {run: v002}` values by that run's checkpoint files known so far.
 
-    `checkpoints` maps a run to its (epoch, label, path) triples, e.g. (7, "v002 e7", ".../x-000007").
+    `checkpoints` maps a run to its (epoch, label, path) triples, e.g. (7, "v002 epoch 7", "./x-000007").
     Checkpoints not written yet simply have no tasks; planning again after each new file adds
     exactly the new tasks (their ids are new, the others' are unchanged)."""
     update = {}
@@ -270,29 +271,40 @@ def with_checkpoints(job: RenderJob, checkpoints: dict[str, list[tuple[int, str,
 def plan_job(job: RenderJob, spec_dir: Path, source: str = "<spec>",
              recorded_seeds: dict[str, int] | None = None, hashes: HashCache | None = None,
              checkpoints: dict[str, list[tuple[int, str, str]]] | None = None) -> Plan:
-    """Expand a job into de-duplicated tasks, ordered by model, then LoRA set, then spec order."""
-    job = with_checkpoints(job, checkpoints or {})
-    job, seeds = resolve_seeds(job, recorded_seeds)
+    """Expand a job into de-duplicated tasks, ordered by model, then LoRA set, then spec order.
+
+    A job with several `sweeps` expands each table; its cells carry a `sweep` axis, and an image
+    two tables share is one task filling a cell in each."""
     hashes = hashes or HashCache()
-    expander = _Expander(job, Path(spec_dir), source, hashes)
     by_id: dict[str, Task] = {}
-    labels: dict[str, dict[str, None]] = {}
+    labels: dict[str, dict[str, dict[str, None]]] = {}
+    seeds: dict[str, int] = {}
     cells = 0
-    for order, (settings, cell) in enumerate(expander.cells()):
-        cells += 1
-        for axis, label in cell:
-            labels.setdefault(axis, {})[label] = None
-        task = expander.task(settings, cell, order)
-        if task.task_id in by_id:
-            first = by_id[task.task_id]
-            by_id[task.task_id] = replace(first, cells=first.cells + task.cells)
-        else:
-            by_id[task.task_id] = task
+    for sweep, table in job.sweep_jobs():
+        table = with_checkpoints(table, checkpoints or {})
+        prefix = f"sweeps.{sweep}." if sweep else ""
+        recorded = {k[len(prefix):]: v for k, v in (recorded_seeds or {}).items() if k.startswith(prefix)}
+        table, used = resolve_seeds(table, recorded)
+        seeds.update({prefix + k: v for k, v in used.items()})
+        expander = _Expander(table, Path(spec_dir), source, hashes)
+        for settings, cell in expander.cells():
+            if sweep:
+                cell = (("sweep", sweep),) + cell
+            for axis, label in cell:
+                labels.setdefault(sweep or "", {}).setdefault(axis, {})[label] = None
+            task = expander.task(settings, cell, cells)
+            cells += 1
+            if task.task_id in by_id:
+                first = by_id[task.task_id]
+                by_id[task.task_id] = replace(first, cells=first.cells + task.cells)
+            else:
+                by_id[task.task_id] = task
     hashes.save()
     tasks = list(by_id.values())
     model_rank = {sha: i for i, sha in enumerate(dict.fromkeys(t.model_sha256 for t in tasks))}
     group_rank = {g: i for i, g in enumerate(dict.fromkeys(t.group for t in tasks))}
     tasks.sort(key=lambda t: (model_rank[t.model_sha256], group_rank[t.group], t.order))
     return Plan(job=job, tasks=tasks, seeds=seeds, folded=cells - len(tasks),
-                axis_labels={axis: list(values) for axis, values in labels.items()})
+                axis_labels={sweep: {axis: list(values) for axis, values in table.items()}
+                             for sweep, table in labels.items()})
 

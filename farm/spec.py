@@ -204,8 +204,18 @@ class Axes(Strict):
         return getattr(self, name)
 
 
+class Sweep(Strict):
+    """One table of a job: its own axes (and zip groups), and defaults that differ from the job's."""
+
+    defaults: dict[str, Any] = Field(default_factory=dict)  # any Defaults key, over the job's defaults
+    axes: Axes = Field(default_factory=Axes)
+    zip: list[list[str]] = Field(default_factory=list)
+
+
 class RenderJob(Strict):
-    """A render sweep: model + defaults + axes (+ zip groups)."""
+    """A render sweep: model + defaults + axes (+ zip groups), or several named `sweeps` (tables)
+    sharing the job's defaults, e.g. the seeds' strength table and prompt table over one set of
+    checkpoints. Images two tables share are rendered once and fill a cell in both."""
 
     job: Annotated[str, AfterValidator(lambda v: _check_name(v))]
     model: str
@@ -213,26 +223,52 @@ class RenderJob(Strict):
     defaults: Defaults = Field(default_factory=Defaults)
     axes: Axes = Field(default_factory=Axes)
     zip: list[list[str]] = Field(default_factory=list)
+    sweeps: dict[str, Sweep] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_axes(self):
-        names = self.axes.names()
-        seen: set[str] = set()
-        for group in self.zip:
-            for name in group:
-                if name not in names:
-                    raise ValueError(f"zip: {name!r} is not an axis (axes: {', '.join(names)})")
-                if name in seen:
-                    raise ValueError(f"zip: {name!r} is in more than one group")
-                seen.add(name)
-            lengths = {len(self.axes.values(n)) for n in group}
-            if len(lengths) > 1:
-                raise ValueError(f"zip: axes {', '.join(group)} must have the same number of values")
-        if self.axes.strength and not (self.axes.lora or self.defaults.lora):
-            raise ValueError("axes.strength sets a LoRA's strength: add axes.lora or defaults.lora")
-        if not (self.axes.prompt or self.defaults.prompt):
-            raise ValueError("no prompt: set defaults.prompt or axes.prompt")
+        if self.sweeps:
+            if self.axes.names() or self.zip:
+                raise ValueError("give axes (one table) or sweeps (several), not both")
+            for name in self.sweeps:
+                _check_name(name)
+                try:
+                    self.sweep_jobs()
+                except ValidationError as exc:
+                    raise ValueError(f"sweeps.{name}.{_format_error(exc.errors()[0])}") from None
+            return self
+        check_table(self.axes, self.zip, self.defaults)
         return self
+
+    def sweep_jobs(self) -> list[tuple[Optional[str], "RenderJob"]]:
+        """(sweep name, a one-table job) for each table; (None, self) when there are no sweeps."""
+        if not self.sweeps:
+            return [(None, self)]
+        tables = []
+        for name, sweep in self.sweeps.items():
+            defaults = Defaults.model_validate({**self.defaults.model_dump(exclude_unset=True), **sweep.defaults})
+            tables.append((name, RenderJob(job=self.job, model=self.model, lora_dir=self.lora_dir,
+                                           defaults=defaults, axes=sweep.axes, zip=sweep.zip)))
+        return tables
+
+
+def check_table(axes: Axes, zip_groups: list[list[str]], defaults: Defaults) -> None:
+    names = axes.names()
+    seen: set[str] = set()
+    for group in zip_groups:
+        for name in group:
+            if name not in names:
+                raise ValueError(f"zip: {name!r} is not an axis (axes: {', '.join(names)})")
+            if name in seen:
+                raise ValueError(f"zip: {name!r} is in more than one group")
+            seen.add(name)
+        lengths = {len(axes.values(n)) for n in group}
+        if len(lengths) > 1:
+            raise ValueError(f"zip: axes {', '.join(group)} must have the same number of values")
+    if axes.strength and not (axes.lora or defaults.lora):
+        raise ValueError("axes.strength sets a LoRA's strength: add axes.lora or defaults.lora")
+    if not (axes.prompt or defaults.prompt):
+        raise ValueError("no prompt: set defaults.prompt or axes.prompt")
 
 
 def _resolution(value: Any) -> Any:
@@ -268,6 +304,8 @@ class TrainOptions(Strict):
     reg_data_dir: Optional[str] = None  # sub-folders `<repeats>_<class>`
     dataset_config: Optional[str] = None  # a kohya dataset TOML instead of the two folders
     caption_extension: str = ".txt"
+    # not kohya: the reg folder's caption extension when it differs (".none" = ignore its captions)
+    reg_caption_extension: Optional[str] = None
     keep_tokens: int = 0
     output_name: Annotated[str, AfterValidator(lambda v: _check_name(v))] = "lora"
     network_dim: Annotated[int, _between(1, 1024)] = 4
@@ -346,11 +384,12 @@ class RegSet(Strict):
 
 
 class Evaluate(Strict):
-    """The render sweep over a training job's checkpoints (as a render job, without job/model)."""
+    """The render sweep(s) over a training job's checkpoints (a render job without job/model)."""
 
     defaults: Defaults = Field(default_factory=Defaults)
     axes: Axes = Field(default_factory=Axes)
     zip: list[list[str]] = Field(default_factory=list)
+    sweeps: dict[str, Sweep] = Field(default_factory=dict)
 
 
 class TrainJob(Strict):
@@ -369,8 +408,9 @@ class TrainJob(Strict):
         for name in list(self.variants) + list(self.reg_sets):
             _check_name(name)
         runs = self.runs()
-        if self.evaluate and self.evaluate.axes.lora is None and self.evaluate.axes.model is None \
-                and len({o.mode for o in runs.values()}) > 1:
+        if self.evaluate and len({o.mode for o in runs.values()}) > 1 and any(
+                a.lora is None and a.model is None
+                for a in ([w.axes for w in self.evaluate.sweeps.values()] or [self.evaluate.axes])):
             raise ValueError("evaluate: variants mix lora and dreambooth modes: list evaluate.axes.lora "
                              "and evaluate.axes.model yourself")
         for name, options in runs.items():  # every variant must make valid options
@@ -393,20 +433,25 @@ class TrainJob(Strict):
         return result
 
     def evaluation_job(self) -> Optional["RenderJob"]:
-        """The evaluate sweep as a render job; its lora axis defaults to every run's checkpoints."""
+        """The evaluate sweep(s) as a render job; a table without a lora or model axis gets every
+        run's checkpoints (on the lora axis, or the model axis for DreamBooth runs)."""
         if self.evaluate is None:
             return None
-        axes = self.evaluate.axes
         modes = {options.mode for options in self.runs().values()}
-        if axes.lora is None and axes.model is None:
-            if modes == {"dreambooth"}:  # (mixed modes are rejected when the spec is read)
-                axes = axes.model_copy(update={"model": [ModelChoice(run=name) for name in self.variants]})
-                axes._order = ("model", *(self.evaluate.axes._order or ()))
-            else:
-                axes = axes.model_copy(update={"lora": [LoraChoice(run=name) for name in self.variants]})
-                axes._order = ("lora", *(self.evaluate.axes._order or ()))
-        return RenderJob(job=self.job, model=self.model, defaults=self.evaluate.defaults, axes=axes,
-                         zip=self.evaluate.zip)
+        axis = "model" if modes == {"dreambooth"} else "lora"
+        choice = ModelChoice if axis == "model" else LoraChoice
+
+        def with_runs(axes: Axes) -> Axes:
+            if axes.lora is not None or axes.model is not None:
+                return axes
+            filled = axes.model_copy(update={axis: [choice(run=name) for name in self.variants]})
+            filled._order = (axis, *(axes._order or ()))
+            return filled
+
+        e = self.evaluate
+        sweeps = {name: sweep.model_copy(update={"axes": with_runs(sweep.axes)}) for name, sweep in e.sweeps.items()}
+        return RenderJob(job=self.job, model=self.model, defaults=e.defaults,
+                         axes=with_runs(e.axes) if not e.sweeps else e.axes, zip=e.zip, sweeps=sweeps)
 
 
 def _check_name(value: str) -> str:
@@ -448,18 +493,36 @@ def parse_spec(data: Any, source: str = "<spec>") -> "RenderJob | TrainJob":
         raise SpecError(f"{source}: {_format_error(errors[0])}{more}") from None
 
 
-def load_spec(path: str | Path) -> "RenderJob | TrainJob":
-    """Read a YAML job spec with `yaml.safe_load` (never arbitrary objects) and validate it.
-    A spec with a `train` key is a training job; any other is a render job."""
-    path = Path(path)
+def read_yaml(path: Path) -> Any:
     try:
         text = path.read_text()
     except OSError as exc:
         raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
         raise SpecError(f"{path}: {where}not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    return parse_spec(data, str(path))
+
+
+def merge(base: Any, override: Any) -> Any:
+    """Deep merge of YAML data: mappings merge key by key, anything else is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: merge(base.get(k), v) for k, v in override.items()}}
+    return override
+
+
+def load_spec(path: str | Path, overrides: list[str | Path] = ()) -> "RenderJob | TrainJob":
+    """Read a YAML job spec with `yaml.safe_load` (never arbitrary objects) and validate it.
+    A spec with a `train` key is a training job; any other is a render job. Override files
+    (e.g. a study's `tiny.yaml`) are deep-merged on top, in order."""
+    path = Path(path)
+    data = read_yaml(path)
+    for override in overrides:
+        extra = read_yaml(Path(override))
+        if not isinstance(extra, dict):
+            raise SpecError(f"{override}: an override file is a mapping of spec keys")
+        data = merge(data, extra)
+    where = str(path) + "".join(f" + {o}" for o in overrides)
+    return parse_spec(data, where)

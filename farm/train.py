@@ -42,7 +42,7 @@ class Checkpoint:
     step: int
     final: bool
     sha256: str
-    label: str  # grid label: "v002 e7" (epoch saves and the last file) or "v002 s901" (step saves)
+    label: str  # grid label, as in the seed's grids: "v002 epoch 7", or "v002 step 901" for step saves
     node: str = ""
 
 
@@ -331,7 +331,7 @@ class Trainer:
 
     def save_checkpoint(self, name: str, epoch: int, step: int, started_at: datetime, final: bool,
                         by_step: bool = False) -> Checkpoint:
-        label = f"{self.run} s{step}" if by_step else f"{self.run} e{epoch}"
+        label = f"{self.run} step {step}" if by_step else f"{self.run} epoch {epoch}"
         if self.full:
             path, sha = self._save_model_folder(name.removesuffix(".safetensors"), epoch, step, started_at)
             return Checkpoint(self.run, str(path), epoch, step, final, sha, label, platform.node())

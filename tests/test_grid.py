@@ -86,7 +86,7 @@ def test_rows_nobody_rendered_still_show_as_blanks(run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     info = RunFolder(copy).load_run_info()
-    info["axes"]["lora"].append("epoch 9")  # planned, never rendered
+    info["axes"][""]["lora"].append("epoch 9")  # planned, never rendered
     RunFolder(copy).save_run_info(info)
     page = build_pages(RunFolder(copy), "lora", "prompt", ["seed"])[0]
     assert page.row_labels[-1] == "epoch 9"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from farm.cli import _evaluation, _train_runs
 from farm.dispatch import run_study
+from farm.study import Evaluation, Study
 from farm.manifest import RunFolder
 from farm.spec import parse_spec
 from farm.tiny import write_tiny_dataset
@@ -32,12 +32,12 @@ def study_spec(tmp_path: Path, variants: dict, prompts=("photo of a man", "photo
 
 
 def run(tmp_path, spec):
-    job = parse_spec(spec, str(tmp_path / "study.yaml"))
-    spec_path = str(tmp_path / "study.yaml")
+    job = parse_spec(spec, "study.yaml")
     folder = RunFolder(tmp_path / "out")
-    trains = [t for t, _ in _train_runs(job, spec_path, folder.root)]
-    replan, _, _ = _evaluation(job, spec_path, None)
-    return folder, run_study(trains, replan, folder, quiet=True)
+    study = Study(job, tmp_path, "study.yaml", folder.root)
+    trains = [t for t, _ in study.runs(plan_only=True)]
+    evaluation = Evaluation(job.evaluation_job(), tmp_path, "study.yaml")
+    return folder, run_study(trains, evaluation.replan, folder, quiet=True)
 
 
 def test_three_variants_on_two_gpus_evaluate_while_training(ray_cluster, tmp_path):
@@ -59,7 +59,7 @@ def test_three_variants_on_two_gpus_evaluate_while_training(ray_cluster, tmp_pat
     last_training = max(r["finished_at"] for r in by_run["v002"])
     assert first_render < last_training  # evaluation began while v002 was still training
     labels = {dict(row["axes"])["lora"] for row in table.to_pylist()}
-    assert {"v001 e1", "v002 e1", "v002 e12", "v003 e1"} <= labels
+    assert {"v001 epoch 1", "v002 epoch 1", "v002 epoch 12", "v003 epoch 1"} <= labels
 
 
 def test_a_killed_worker_resumes_its_run_and_nothing_is_lost(ray_cluster, tmp_path):
@@ -109,9 +109,9 @@ def test_full_dreambooth_runs_are_evaluated_as_models(ray_cluster, tmp_path):
     spec = study_spec(tmp_path, {"db1": {"mode": "dreambooth", "learning_rate": 1e-5}})
     folder, summary = run(tmp_path, spec)
     rows = folder.read_checkpoints()
-    assert [r["label"] for r in rows] == ["db1 e1"] and (folder.root / rows[0]["path"] / "model_index.json").is_file()
+    assert [r["label"] for r in rows] == ["db1 epoch 1"] and (folder.root / rows[0]["path"] / "model_index.json").is_file()
     table = folder.read().to_pylist()
-    assert summary.ok == 2 and {dict(r["axes"])["model"] for r in table} == {"db1 e1"}
+    assert summary.ok == 2 and {dict(r["axes"])["model"] for r in table} == {"db1 epoch 1"}
     assert all(r["model_sha256"] == rows[0]["sha256"] for r in table)
 
 
