@@ -118,6 +118,7 @@ class _Expander:
         self.job, self.spec_dir, self.source, self.hashes = job, spec_dir, source, hashes
         self.lora_dir = (spec_dir / job.lora_dir) if job.lora_dir else spec_dir
         self._models: dict[str, tuple[str, str]] = {}
+        self._styles: dict[str, tuple[str, str]] | None = None
         self._loras: dict[tuple[Path, str], tuple[str, str]] = {}
 
     def fail(self, where: str, message: str) -> SpecError:
@@ -144,6 +145,33 @@ class _Expander:
         name = reference.split("/")[-1] if reference.startswith("tiny:") else Path(path).stem
         return LoraUse(name=name, path=path, sha256=sha, strength=float(strength))
 
+    def styles(self) -> dict[str, tuple[str, str]]:
+        """The job's styles CSV: name → (prompt, negative_prompt), read once."""
+        if self._styles is None:
+            import csv
+
+            path = self.spec_dir / self.job.styles
+            try:
+                with open(path, newline="", encoding="utf-8") as handle:
+                    rows = list(csv.DictReader(handle))
+            except OSError as exc:
+                raise self.fail("styles", f"{path}: cannot read: {exc.strerror}") from None
+            if rows and "name" not in rows[0]:
+                raise self.fail("styles", f"{path}: a styles CSV has the columns name,prompt,negative_prompt")
+            self._styles = {r["name"]: (r.get("prompt") or "", r.get("negative_prompt") or "") for r in rows}
+        return self._styles
+
+    def style_values(self) -> list[str]:
+        names = []
+        for index, name in enumerate(self.job.axes.style):
+            if name == "*":
+                names += list(self.styles())
+            elif name != "none" and name not in self.styles():
+                raise self.fail(f"axes.style[{index}]", f"no style {name!r} in {self.job.styles}")
+            else:
+                names.append(name)
+        return names
+
     def axis_steps(self) -> list[tuple[str, list]]:
         """The product's factors: each zip group is one factor whose values advance together."""
         axes = self.job.axes
@@ -154,7 +182,7 @@ class _Expander:
                 continue
             group = zipped.get(name, [name])
             done.update(group)
-            columns = [list(enumerate(axes.values(n))) for n in group]
+            columns = [list(enumerate(self.style_values() if n == "style" else axes.values(n))) for n in group]
             factors.append((group, list(zip(*columns))))
         return factors
 
@@ -164,7 +192,7 @@ class _Expander:
         for combo in itertools.product(*(values for _, values in factors)):
             settings = self.job.defaults.model_dump()
             settings.update(model=self.job.model, model_where="model", replacements=[],
-                            strength=None, lora_where="defaults.lora")
+                            strength=None, lora_where="defaults.lora", style=None)
             cell: list[tuple[str, str]] = []
             for (group, _), picks in zip(factors, combo):
                 for name, (index, value) in zip(group, picks):
@@ -190,6 +218,9 @@ class _Expander:
         if axis == "model":
             settings["model"], settings["model_where"] = value.file, f"axes.model[{index}]"
             return value.label or (Path(value.file).stem if not value.file.startswith("tiny:") else value.file)
+        if axis == "style":
+            settings["style"] = None if value == "none" else self.styles()[value]
+            return value
         if axis in ("seed", "sampler", "steps", "cfg"):
             settings[axis] = value
             return f"{value:g}" if isinstance(value, float) else str(value)
@@ -203,6 +234,9 @@ class _Expander:
             if search not in prompt and search not in negative:
                 raise self.fail(f"axes.replace.{axis}", f"{search!r} is not in the prompt or negative prompt")
             prompt, negative = prompt.replace(search, value), negative.replace(search, value)
+        if settings["style"]:
+            prompt = apply_style(settings["style"][0], prompt)
+            negative = apply_style(settings["style"][1], negative)
         prompt, loras = self.prompt_loras(prompt)
         choice = settings["lora"]
         if choice and choice["file"]:
@@ -235,6 +269,13 @@ class _Expander:
             loras.append(self.lora(match[1], weight, self.lora_dir, f"prompt {match[0]}"))
         cleaned = re.sub(r"\s{2,}", " ", _LORA_TAG.sub("", prompt)).strip().strip(",").strip()
         return cleaned, loras
+
+
+def apply_style(style: str, text: str) -> str:
+    """A1111's rule: a style with `{prompt}` wraps the text, one without is appended to it."""
+    if "{prompt}" in style:
+        return style.replace("{prompt}", text)
+    return ", ".join(part for part in (text, style) if part)
 
 
 def _lora_label(reference: str) -> str:

@@ -160,6 +160,9 @@ class Axes(Strict):
     cfg: Optional[list[Cfg]] = None
     size: Optional[list[Annotated[Size, BeforeValidator(_size_item)]]] = None
     model: Optional[list[Annotated[ModelChoice, BeforeValidator(_model_item)]]] = None
+    # names from the job's `styles` CSV (A1111/Fooocus: name,prompt,negative_prompt; "{prompt}"
+    # marks where the prompt goes); "none" for no style, "*" for every style in the file
+    style: Optional[list[str]] = None
     # A1111's Prompt S/R: per named axis, the first value is searched for in the prompt and
     # negative, and each value (the first included) replaces it.
     replace: Optional[dict[str, list[str]]] = None
@@ -220,6 +223,7 @@ class RenderJob(Strict):
     job: Annotated[str, AfterValidator(lambda v: _check_name(v))]
     model: str
     lora_dir: Optional[str] = None  # where `<lora:NAME:W>` tags look; default: the spec's folder
+    styles: Optional[str] = None  # an A1111/Fooocus styles CSV for the `style` axis
     defaults: Defaults = Field(default_factory=Defaults)
     axes: Axes = Field(default_factory=Axes)
     zip: list[list[str]] = Field(default_factory=list)
@@ -238,6 +242,8 @@ class RenderJob(Strict):
                     raise ValueError(f"sweeps.{name}.{_format_error(exc.errors()[0])}") from None
             return self
         check_table(self.axes, self.zip, self.defaults)
+        if self.axes.style and not self.styles:
+            raise ValueError("axes.style needs `styles:` (the styles CSV file)")
         return self
 
     def sweep_jobs(self) -> list[tuple[Optional[str], "RenderJob"]]:
@@ -248,7 +254,7 @@ class RenderJob(Strict):
         for name, sweep in self.sweeps.items():
             defaults = Defaults.model_validate({**self.defaults.model_dump(exclude_unset=True), **sweep.defaults})
             tables.append((name, RenderJob(job=self.job, model=self.model, lora_dir=self.lora_dir,
-                                           defaults=defaults, axes=sweep.axes, zip=sweep.zip)))
+                                           styles=self.styles, defaults=defaults, axes=sweep.axes, zip=sweep.zip)))
         return tables
 
 
@@ -386,6 +392,7 @@ class RegSet(Strict):
 class Evaluate(Strict):
     """The render sweep(s) over a training job's checkpoints (a render job without job/model)."""
 
+    styles: Optional[str] = None
     defaults: Defaults = Field(default_factory=Defaults)
     axes: Axes = Field(default_factory=Axes)
     zip: list[list[str]] = Field(default_factory=list)
@@ -450,7 +457,7 @@ class TrainJob(Strict):
 
         e = self.evaluate
         sweeps = {name: sweep.model_copy(update={"axes": with_runs(sweep.axes)}) for name, sweep in e.sweeps.items()}
-        return RenderJob(job=self.job, model=self.model, defaults=e.defaults,
+        return RenderJob(job=self.job, model=self.model, styles=e.styles, defaults=e.defaults,
                          axes=with_runs(e.axes) if not e.sweeps else e.axes, zip=e.zip, sweeps=sweeps)
 
 

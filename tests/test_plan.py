@@ -87,8 +87,8 @@ def test_a1111_lora_tags_and_prompt_search_replace(lora_dir, tiny_model):
 
 def test_search_text_missing_from_prompt_is_an_error(lora_dir, tiny_model):
     data = study(lora_dir)
-    data["axes"] = {"replace": {"style": ["watercolor", "oil"]}}
-    with pytest.raises(SpecError, match=r"job.yaml: axes.replace.style: 'watercolor' is not in the prompt"):
+    data["axes"] = {"replace": {"medium": ["watercolor", "oil"]}}
+    with pytest.raises(SpecError, match=r"job.yaml: axes.replace.medium: 'watercolor' is not in the prompt"):
         plan_of(data, lora_dir)
 
 
@@ -123,3 +123,40 @@ def test_missing_and_unsafe_files_name_the_field(lora_dir, tiny_model, tmp_path)
     data["axes"] = {}
     with pytest.raises(SpecError, match=r"job.yaml: model: .*model not found"):
         plan_of(data, lora_dir)
+
+
+def test_styles_axis_from_an_a1111_csv(lora_dir, tiny_model, tmp_path):
+    (tmp_path / "styles.csv").write_text(
+        'name,prompt,negative_prompt\n'
+        '"sai-anime","anime artwork {prompt} . anime style, key visual","photo, deformed"\n'
+        'plain-suffix,"highly detailed",\n')
+    data = study(lora_dir, styles="styles.csv")
+    data["defaults"]["negative"] = "blurry"
+    data["axes"] = {"style": ["none", "*"]}
+    plan = plan_of(data, tmp_path)
+    by_style = {dict(t.cells[0])["style"]: t for t in plan.tasks}
+    assert list(by_style) == ["none", "sai-anime", "plain-suffix"]
+    assert by_style["none"].prompt == "photo of a w0ut3r man"
+    assert by_style["sai-anime"].prompt == "anime artwork photo of a w0ut3r man . anime style, key visual"
+    assert by_style["sai-anime"].negative_prompt == "blurry, photo, deformed"
+    assert by_style["plain-suffix"].prompt == "photo of a w0ut3r man, highly detailed"
+    data["axes"] = {"style": ["nope"]}
+    with pytest.raises(SpecError, match=r"axes.style\[0\]: no style 'nope' in styles.csv"):
+        plan_of(data, tmp_path)
+
+
+def test_sweeps_share_images_and_label_their_cells(lora_dir, tiny_model):
+    data = study(lora_dir)
+    data["defaults"]["lora"] = "subject-000001"
+    data.pop("axes")
+    data["sweeps"] = {"strength": {"axes": {"strength": [0.5, 1.0]}},
+                      "prompts": {"defaults": {"steps": 7}, "axes": {"prompt": ["photo of a w0ut3r man", "a cat"]}}}
+    plan = plan_of(data, lora_dir)
+    # strength 1.0 with the default prompt is in both tables only if steps match: here they differ
+    assert len(plan.tasks) == 4 and plan.folded == 0
+    data["sweeps"]["prompts"]["defaults"] = {}
+    plan = plan_of(data, lora_dir)
+    assert len(plan.tasks) == 3 and plan.folded == 1
+    shared = next(t for t in plan.tasks if len(t.cells) == 2)
+    assert {dict(c)["sweep"] for c in shared.cells} == {"strength", "prompts"}
+    assert set(plan.axis_labels) == {"strength", "prompts"}
