@@ -218,6 +218,8 @@ def load_items(subsets: list[Subset]) -> list[ImageItem]:
 
     items = []
     for subset in subsets:
+        if not Path(subset.image_dir).is_dir():
+            raise SpecError(f"{subset.image_dir}: image folder not found")
         images = list_images(Path(subset.image_dir))
         if not images:
             raise SpecError(f"{subset.image_dir}: no images")
@@ -271,7 +273,7 @@ def load_dataset_toml(path: Path) -> tuple[list[Subset], dict]:
                 raise SpecError(f"{path}: datasets.subsets[{index}].{key}: not supported")
         if "image_dir" not in raw:
             raise SpecError(f"{path}: datasets.subsets[{index}].image_dir: required")
-        image_dir = (path.parent / raw["image_dir"]).resolve()
+        image_dir = data_path(str(raw["image_dir"]), path.parent)
         subsets.append(Subset(
             image_dir=str(image_dir), num_repeats=int(raw.get("num_repeats", 1)),
             class_tokens=str(raw.get("class_tokens", "")), is_reg=bool(raw.get("is_reg", False)),

@@ -111,7 +111,7 @@ def resolve_seeds(job: RenderJob, recorded: dict[str, int] | None = None) -> tup
     return job.model_copy(update={"defaults": defaults, "axes": axes}), used
 
 
-class _Expander:
+class Expander:
     """Turns one job into tasks; resolves and hashes each model/LoRA file once."""
 
     def __init__(self, job: RenderJob, spec_dir: Path, source: str, hashes: HashCache):
@@ -327,7 +327,7 @@ def plan_job(job: RenderJob, spec_dir: Path, source: str = "<spec>",
         recorded = {k[len(prefix):]: v for k, v in (recorded_seeds or {}).items() if k.startswith(prefix)}
         table, used = resolve_seeds(table, recorded)
         seeds.update({prefix + k: v for k, v in used.items()})
-        expander = _Expander(table, Path(spec_dir), source, hashes)
+        expander = Expander(table, Path(spec_dir), source, hashes)
         for settings, cell in expander.cells():
             if sweep:
                 cell = (("sweep", sweep),) + cell

@@ -80,7 +80,7 @@ class Study:
             lines.append(f"  reg set {name}: {len(planned_reg_items(name, reg, self.spec_dir)[1])} images to render")
         evaluation = self.job.evaluation_job()
         if evaluation:
-            counts = evaluation_cells(evaluation, files)
+            counts = evaluation_cells(evaluation, files, self.spec_dir)
             for sweep, count in counts.items():
                 lines.append(f"  evaluate{' sweep ' + sweep if sweep else ''}: {count} cells")
             lines.append(f"  evaluate: {sum(counts.values())} grid cells in all, each rendered as soon as its "
@@ -88,9 +88,11 @@ class Study:
         return lines
 
 
-def evaluation_cells(job: RenderJob, checkpoints_per_run: dict[str, int]) -> dict[str, int]:
+def evaluation_cells(job: RenderJob, checkpoints_per_run: dict[str, int], spec_dir: Path) -> dict[str, int]:
     """Grid cells per sweep before any checkpoint exists: the product of the axis lengths, where a
-    `{run: v002}` value counts as that run's planned checkpoints."""
+    `{run: v002}` value counts as that run's planned checkpoints and style `*` as every style."""
+    from .plan import Expander
+
     counts = {}
     for sweep, table in job.sweep_jobs():
         axes, zipped = table.axes, {name for group in table.zip for name in group}
@@ -99,6 +101,8 @@ def evaluation_cells(job: RenderJob, checkpoints_per_run: dict[str, int]) -> dic
             values = axes.values(name)
             if name in ("lora", "model"):
                 return sum(_run_values(value, checkpoints_per_run) for value in values)
+            if name == "style":
+                return len(Expander(table, spec_dir, "evaluate", None).style_values())
             return len(values)
 
         factors = [length(name) for name in axes.names() if name not in zipped]

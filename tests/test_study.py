@@ -121,3 +121,88 @@ def test_mixed_modes_need_explicit_evaluation_axes(tmp_path):
     spec = study_spec(tmp_path, {"a": {}, "b": {"mode": "dreambooth"}})
     with pytest.raises(SpecError, match="variants mix lora and dreambooth"):
         parse_spec(spec, "s.yaml")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def placeholder_images(folder: Path, count: int, caption=None) -> None:
+    """`count` 1024² images (hard links to one PNG: planning reads only their headers)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    first = folder / "0000.png"
+    Image.new("RGB", (1024, 1024), (120, 110, 100)).save(first)
+    for i in range(count):
+        if i:
+            os.link(first, folder / f"{i:04d}.png")
+        if caption:
+            (folder / f"{i:04d}.txt").write_text(caption.format(i=i))
+
+
+def copy_study(study_dir: Path, tmp_path: Path) -> Path:
+    """The study's spec files in a temp folder, where the test builds the user's data layout."""
+    import shutil
+
+    copy = tmp_path / study_dir.name
+    shutil.copytree(study_dir, copy, ignore=shutil.ignore_patterns("tiny*"))
+    return copy
+
+
+def test_subject_lora_study_plans_the_write_ups_numbers(tmp_path, capsys):
+    from farm.cli import main
+
+    study = copy_study(ROOT / "jobs" / "subject-lora-study", tmp_path)
+    placeholder_images(study / "data" / "img" / "9_w0ut3r man", 47, "w0ut3r, photo of a man, pose {i}")
+    placeholder_images(study / "data" / "reg-photos" / "1_man", 500, "photo of a man, street {i}")
+    assert main(["plan", str(study / "study.yaml"), "--out", str(tmp_path / "out")]) == 0  # no model here
+    out = capsys.readouterr().out
+    assert "14 training run(s)" in out and "not found: planned without it" in out
+    v002 = next(line for line in out.splitlines() if line.strip().startswith("v002:"))
+    assert "train images × repeats: 423" in v002
+    assert "steps per epoch: 212; epochs: 10; max_train_steps: 2115" in v002
+    assert "kohya_ss GUI estimate: 423 / 4 / 1 * 10 * 2 = 2115" in v002 and v002.endswith("checkpoints: 10")
+    v001 = next(line for line in out.splitlines() if line.strip().startswith("v001:"))
+    assert "steps per epoch: 106; epochs: 10; max_train_steps: 1060" in v001
+    assert "evaluate sweep strength: 1400 cells" in out and "evaluate sweep prompts: 1680 cells" in out
+    assert "evaluate: 3080 grid cells in all" in out
+    assert "reg set detailed: 517 images to render" in out and "reg set simple: 500 images" in out
+
+
+def test_anime_dreambooth_study_plans_the_write_ups_numbers(tmp_path, capsys):
+    from farm.cli import main
+
+    study = copy_study(ROOT / "jobs" / "anime-dreambooth-study", tmp_path)
+    placeholder_images(study / "data" / "img", 15)
+    placeholder_images(study / "data" / "reg", 2300)
+    assert main(["plan", str(study / "study.yaml"), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    reg = next(line for line in out.splitlines() if line.strip().startswith("reg:"))
+    assert "steps per epoch: 4500; epochs: 1; max_train_steps: 4500" in reg and reg.endswith("checkpoints: 5")
+    noreg = next(line for line in out.splitlines() if line.strip().startswith("noreg:"))
+    assert "steps per epoch: 15; epochs: 150; max_train_steps: 2250" in noreg and noreg.endswith("checkpoints: 5")
+    # 10 checkpoints × 2 prompts (zipped with their seeds and CFG) × (no style + 3 styles)
+    assert "evaluate: 80 cells" in out
+
+
+@pytest.mark.slow
+def test_subject_lora_study_runs_at_tiny_scale(farm_cache, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "study"
+    command = [sys.executable, "-m", "farm.cli", "run", "jobs/subject-lora-study/study.yaml", "--scale", "tiny",
+               "--out", str(out), "--gpus", "2", "--quiet"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = RunFolder(out)
+    assert len(folder.read_checkpoints()) == 28
+    table = folder.read()
+    assert table.num_rows == 280 + 336 - 28 and set(table["status"].to_pylist()) == {"ok"}
+    reg_captions = [p.read_text() for p in (out / "reg" / "detailed" / "kohya" / "1_man").glob("*.txt")]
+    assert reg_captions and all("w0ut3r" not in c for c in reg_captions)
+    grid = subprocess.run([sys.executable, "-m", "farm.cli", "grid", str(out), "--rows", "lora", "--cols", "prompt"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert grid.returncode == 0, grid.stderr
+    pages = sorted((out / "grids").glob("lora-x-prompt-*.png"))
+    assert len(pages) == 1  # only the prompts table has both axes
