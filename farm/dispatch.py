@@ -255,21 +255,26 @@ def _drive(pool: list, feed: _Feed, trains: deque, depth: int, on_checkpoint=Non
 
 
 def run_plan(plan: Plan, run: RunFolder, *, actors: int | None = None, chunk_size: int = 4,
-             depth: int = 2, options: PipelineOptions = PipelineOptions(), quiet: bool = False) -> RunSummary:
-    """Render every task of `plan` that has no `ok` row in `run`'s manifest, on the current Ray."""
+             depth: int = 2, options: PipelineOptions = PipelineOptions(), quiet: bool = False,
+             pool: list | None = None) -> RunSummary:
+    """Render every task of `plan` that has no `ok` row in `run`'s manifest, on the current Ray.
+
+    `pool`: workers that are already up (and stay up); by default the run starts its own."""
     started = time.perf_counter()
     feed = _Feed(run, quiet, chunk_size)
     feed.add(plan.tasks)
     if not any(feed.queue.chunks.values()):
         feed.close()
         return feed.summary
-    count, use_gpus = _pool_size(actors, len(plan.tasks))
-    pool = start_workers(count, options, use_gpus)
+    own_pool = pool is None
+    if own_pool:
+        count, use_gpus = _pool_size(actors, len(plan.tasks))
+        pool = start_workers(count, options, use_gpus)
     try:
         _drive(pool, feed, deque(), depth)
     finally:
         feed.close()
-        for worker in pool:
+        for worker in pool if own_pool else []:
             ray.kill(worker)
     feed.summary.lora_switches = feed.queue.switches
     feed.summary.wall_s = time.perf_counter() - started

@@ -48,6 +48,7 @@ class AdapterCache:
         self.max_adapters = max_adapters
         self.loaded: OrderedDict[str, LoraUse] = OrderedDict()
         self.active: tuple[tuple[str, float], ...] = ()
+        self.enabled = True  # diffusers' LoRA layers start enabled
         self.loads = 0  # disk loads, for the benchmark and tests
 
     def apply(self, loras: Sequence[LoraUse]) -> float:
@@ -57,10 +58,13 @@ class AdapterCache:
         if wanted != self.active:
             if not loras:
                 self.pipe.disable_lora()
+                self.enabled = False
             else:
                 for lora in loras:
                     self._ensure_loaded(lora)
-                self.pipe.enable_lora()
+                if not self.enabled:  # enable_lora walks every layer: only when it was disabled
+                    self.pipe.enable_lora()
+                    self.enabled = True
                 self.pipe.set_adapters([n for n, _ in wanted], adapter_weights=[w for _, w in wanted])
             self.active = wanted
         return time.perf_counter() - started

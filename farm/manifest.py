@@ -87,14 +87,17 @@ def image_relpath(task_id: str) -> str:
     return f"images/{task_id[:2]}/{task_id}.png"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a hidden temp file beside `path`, fsync, then rename: readers see all or nothing."""
+def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write to a hidden temp file beside `path`, then rename: readers see all or nothing, even
+    if the writer is killed. `durable` also fsyncs first, so it survives a power cut; images skip
+    that (a lost image only means its task renders again: its row is written after it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
@@ -160,7 +163,7 @@ class RunFolder:
 
     def save_image(self, result: RenderResult) -> str:
         relative = image_relpath(result.task.task_id)
-        write_atomic(self.root / relative, result.png)
+        write_atomic(self.root / relative, result.png, durable=False)
         return relative
 
     def write_part(self, rows: list[dict]) -> Path | None:
