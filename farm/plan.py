@@ -24,7 +24,7 @@ RENDER_VERSION = 1
 _LORA_TAG = re.compile(r"<lora:([^>]+?)(?::(-?[0-9.]+))?>")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LoraUse:
     """One LoRA applied to an image: its display name, file, content hash and strength."""
 
@@ -37,7 +37,7 @@ class LoraUse:
 Cell = tuple[tuple[str, str], ...]  # ((axis, label), ...): one grid cell's coordinates
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million tasks fit in less memory
 class Task:
     """One image to render. Everything a render actor needs travels in this record."""
 

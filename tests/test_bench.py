@@ -1,0 +1,20 @@
+"""The benchmark's measuring code on small sizes (the figures themselves come from scripts/bench)."""
+
+from farm.bench import affinity, grid_speed, plan_scale
+
+
+def test_affinity_switches_less_than_fifo():
+    result = affinity()
+    assert 0 < result["affinity_switches"] < result["fifo_switches"]
+    assert result["affinity_switches"] <= 280  # at most one switch per checkpoint group
+
+
+def test_plan_scale_measures_a_real_plan(farm_cache):
+    result = plan_scale(2_000)
+    assert result["plan_tasks"] == 2_000 and result["plan_checked_left"] == 2_000
+    assert result["plan_1m_seconds"] > 0 and result["plan_1m_peak_gb"] > 0
+
+
+def test_grid_speed_compares_like_with_like(farm_cache):
+    result = grid_speed(24)
+    assert result["grid_s_per_image"] > 0 and result["plain_s_per_image"] > 0
