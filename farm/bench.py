@@ -305,6 +305,70 @@ def pipelined_study() -> dict:
             "pipelined_s": walls["pipelined"], "sequential_s": walls["sequential"]}
 
 
+def gpu_mode(model: str, device: str = "cuda", size: int = 1024, steps: int = 20, repeats: int = 3) -> dict:
+    """A real SDXL on the user's GPU: s/image with the farm's 6 GB-card settings (fp16, VAE upcast
+    for decoding, VAE tiling, model CPU offload) vs plain diffusers defaults (fp32, everything on
+    the GPU), and the cached LoRA switch. `device="cpu"` with the tiny model tests this code path."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from .artifacts import sha256_file
+    from .lora import AdapterCache
+    from .pipeline import PipelineOptions, load_pipeline
+    from .plan import LoraUse
+    from .samplers import resolve_sampler
+
+    def seconds_per_image(pipe) -> float:
+        pipe.scheduler = resolve_sampler("dpmpp_2m_karras").build(pipe.scheduler.config)
+        times = []
+        for i in range(repeats + 1):  # the first call warms up (kernels, allocator) and is dropped
+            generator = torch.Generator(device="cpu").manual_seed(i)
+            began = time.perf_counter()
+            pipe("photo of a w0ut3r man", num_inference_steps=steps, width=size, height=size, generator=generator)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - began)
+        return statistics.median(times[1:])
+
+    on_gpu = device.startswith("cuda")
+    results: dict = {"gpu_device": torch.cuda.get_device_name(0) if on_gpu else device}
+    plain = StableDiffusionXLPipeline.from_pretrained(model, use_safetensors=True, local_files_only=True).to(device)
+    plain.set_progress_bar_config(disable=True)
+    results["gpu_plain_s_per_image"] = seconds_per_image(plain)
+    if on_gpu:
+        results["gpu_plain_peak_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+        torch.cuda.reset_peak_memory_stats()
+    del plain
+    options = PipelineOptions(device=device, dtype="fp16" if on_gpu else "fp32", vae_tiling=True,
+                              cpu_offload="model" if on_gpu else "none")
+    farm = load_pipeline(model, options)
+    results["gpu_farm_s_per_image"] = seconds_per_image(farm)
+    if on_gpu:
+        results["gpu_farm_peak_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+    # two random LoRAs shaped for this UNet (B randomised: a zero-init LoRA would do nothing)
+    loras = []
+    with tempfile.TemporaryDirectory() as folder:
+        for index in range(2):
+            farm.unet.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+                                  adapter_name=f"probe{index}")
+            state = {f"unet.{k}": v.detach().clone().normal_(0, 0.01)
+                     for k, v in get_peft_model_state_dict(farm.unet, adapter_name=f"probe{index}").items()}
+            farm.unet.delete_adapters(f"probe{index}")
+            path = Path(folder) / f"probe{index}.safetensors"
+            save_file({k: v.contiguous() for k, v in convert_state_dict_to_kohya(state).items()}, path)
+            loras.append(LoraUse(f"probe{index}", str(path), sha256_file(path), 1.0))
+        cache = AdapterCache(farm)
+        cache.apply(loras[:1]), cache.apply(loras[1:])
+        switches = [cache.apply(loras[i % 2: i % 2 + 1]) for i in range(20)]
+    results["gpu_lora_switch_ms"] = statistics.median(switches) * 1000
+    results["gpu_farm_vs_plain"] = results["gpu_farm_s_per_image"] / results["gpu_plain_s_per_image"]
+    return results
+
+
 def _verdict(name: str, value: float) -> str:
     if name not in TARGETS:
         return ""
@@ -320,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--out", default="runs/bench", help="where results.json goes")
     parser.add_argument("--only", action="append", help="run only these parts (repeatable)")
+    parser.add_argument("--gpu", metavar="MODEL", help="GPU mode: a real SDXL diffusers folder on CUDA "
+                        "(farm 6 GB defaults vs plain diffusers, LoRA switch); skips the CPU parts")
     args = parser.parse_args(argv)
     q = args.quick
     parts = {
@@ -332,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         "pipelined": pipelined_study,
     }
     results: dict = {"quick": q}
+    if args.gpu:
+        parts = {"gpu": lambda: gpu_mode(args.gpu)}
     for name, part in parts.items():
         if args.only and name not in args.only:
             continue

@@ -18,3 +18,11 @@ def test_plan_scale_measures_a_real_plan(farm_cache):
 def test_grid_speed_compares_like_with_like(farm_cache):
     result = grid_speed(24)
     assert result["grid_s_per_image"] > 0 and result["plain_s_per_image"] > 0
+
+
+def test_gpu_mode_code_path_on_cpu(tiny_model):
+    from farm.bench import gpu_mode
+
+    result = gpu_mode(str(tiny_model), device="cpu", size=64, steps=2, repeats=1)
+    assert result["gpu_plain_s_per_image"] > 0 and result["gpu_farm_s_per_image"] > 0
+    assert result["gpu_lora_switch_ms"] > 0 and result["gpu_device"] == "cpu"
