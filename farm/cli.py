@@ -88,10 +88,13 @@ def cmd_run(args) -> int:
         raise FarmError(f"{run.root}: holds job {info['job']!r}, not {args.job.job!r}; use another --out")
     options = _pipeline_options(args)
     training = isinstance(args.job, TrainJob)
-    if not training:  # plan (and fix -1 seeds) before starting anything
+    if training:  # check the model and every variant's data before starting anything
+        _study(args).model_path()
+        _study(args).runs(plan_only=True)
+    else:  # plan (and fix -1 seeds) before starting anything
         plan = plan_job(args.job, _spec_dir(args), args.source, info.get("seeds"))
         run.save_run_info({"job": plan.job.job, "spec": args.source, "seeds": plan.seeds, "axes": plan.axis_labels})
-    started_ray = connect(args.address, args.gpus)
+    started_ray = connect(args.address, args.gpus, dashboard=not args.no_dashboard)
     try:
         common = dict(actors=args.actors, chunk_size=args.chunk, options=options, quiet=args.quiet)
         if training:
@@ -174,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (small GPUs)")
     p.add_argument("--cpu-offload", default="none", choices=["none", "model", "sequential"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-dashboard", action="store_true", help="a local Ray started here runs without "
+                   "its dashboard (default: on, at 127.0.0.1)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("grid", help="labelled grids and index.html from a run's manifest")

@@ -42,7 +42,7 @@ class RunSummary:
     failed_runs: list[str] = field(default_factory=list)  # training runs that stopped with an error
 
 
-def connect(address: str | None = None, gpus: int | None = None) -> bool:
+def connect(address: str | None = None, gpus: int | None = None, dashboard: bool = True) -> bool:
     """Join the cluster at `address` (or a running local one); else start a local Ray.
 
     A local Ray on a machine without CUDA declares one logical GPU per CPU core, so render
@@ -64,8 +64,10 @@ def connect(address: str | None = None, gpus: int | None = None) -> bool:
         import torch
 
         gpus = torch.cuda.device_count() or (os.cpu_count() or 1)
-    ray.init(num_gpus=gpus, num_cpus=os.cpu_count(), namespace="sdfarm", include_dashboard=False,
-             dashboard_host="127.0.0.1", **env)
+    context = ray.init(num_gpus=gpus, num_cpus=os.cpu_count(), namespace="sdfarm", include_dashboard=dashboard,
+                       dashboard_host="127.0.0.1", **env)  # loopback only: the dashboard can submit jobs
+    if dashboard and context.dashboard_url:
+        print(f"Ray dashboard: http://{context.dashboard_url}", file=sys.stderr)
     return True
 
 

@@ -436,7 +436,8 @@ class TrainJob(Strict):
             except ValidationError as exc:
                 error = exc.errors()[0]
                 where = "train" if _format_location(error["loc"]) not in (overrides or {}) else f"variants.{name}"
-                raise ValueError(f"{where}.{_format_error(error)} (variant {name})") from None
+                which = f" (variant {name})" if "variants" in self.model_fields_set else ""
+                raise ValueError(f"{where}.{_format_error(error)}{which}") from None
         return result
 
     def evaluation_job(self) -> Optional["RenderJob"]:
