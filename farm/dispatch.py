@@ -1,4 +1,5 @@
-"""The queue: send a plan's tasks to render actors, collect results as they complete.
+"""The queue: send a plan's tasks (and training runs) to the workers, collect results as they
+complete.
 
 - Chunks: tasks are cut into small chunks of one group (same model and LoRA set), so an actor
   call never loads anything new mid-chunk and Ray's per-call overhead is shared by a few renders.
@@ -8,6 +9,9 @@
   waiting), so results stream back steadily and nothing piles up in the object store.
 - Failures: a failed task is a `failed` row with its error and the job goes on. A chunk lost to
   a dying actor is requeued (Ray restarts the actor); a task lost three times is marked failed.
+- Training: a worker with no render chunk in flight takes the next training run; its checkpoints
+  stream back (a Ray streaming generator) and are re-planned into render tasks at once, which
+  any free worker takes. A run whose worker dies resumes from its saved state on the next free one.
 """
 
 from __future__ import annotations
