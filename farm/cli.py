@@ -89,8 +89,7 @@ def cmd_run(args) -> int:
     options = _pipeline_options(args)
     training = isinstance(args.job, TrainJob)
     if training:  # check the model and every variant's data before starting anything
-        _study(args).model_path()
-        _study(args).runs(plan_only=True)
+        _study(args).check()
     else:  # plan (and fix -1 seeds) before starting anything
         plan = plan_job(args.job, _spec_dir(args), args.source, info.get("seeds"))
         run.save_run_info({"job": plan.job.job, "spec": args.source, "seeds": plan.seeds, "axes": plan.axis_labels})

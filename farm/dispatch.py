@@ -297,9 +297,10 @@ def run_study(trains: list, replan, run: RunFolder, *, actors: int | None = None
     started = time.perf_counter()
     feed = _Feed(run, quiet, chunk_size)
     known = {}
-    for row in run.read_checkpoints():
+    recorded = run.read_checkpoints()  # from an earlier, interrupted run of this job
+    for row in recorded:
         known.setdefault(row["run"], []).append((row["epoch"], row["label"], str(run.root / row["path"])))
-    finished = {row["run"] for row in run.read_checkpoints() if row["final"]}
+    finished = {row["run"] for row in recorded if row["final"]}
     feed.add(replan(known))
 
     def on_checkpoint(checkpoint) -> None:

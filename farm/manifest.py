@@ -135,12 +135,11 @@ class RunFolder:
 
     def add_checkpoint(self, checkpoint) -> None:
         """Record a training checkpoint (a `train.Checkpoint`) in the training manifest."""
-        folder = Path(checkpoint.path).parent
-        relative = lambda p: os.path.relpath(p, self.root)  # noqa: E731
-        row = {"run": checkpoint.run, "label": checkpoint.label, "path": relative(checkpoint.path),
+        folder = Path(os.path.relpath(checkpoint.path, self.root)).parent
+        row = {"run": checkpoint.run, "label": checkpoint.label, "path": os.path.relpath(checkpoint.path, self.root),
                "sha256": checkpoint.sha256, "epoch": checkpoint.epoch, "step": checkpoint.step,
-               "final": checkpoint.final, "log_path": relative(folder / "log.csv"),
-               "loss_plot": relative(folder / "loss.png") if checkpoint.final else "",
+               "final": checkpoint.final, "log_path": str(folder / "log.csv"),
+               "loss_plot": str(folder / "loss.png") if checkpoint.final else "",
                "node": checkpoint.node, "finished_at": datetime.now(timezone.utc)}
         self.train_manifest_dir.mkdir(parents=True, exist_ok=True)
         sink = pa.BufferOutputStream()

@@ -66,6 +66,11 @@ class Study:
             result.append((run, maths))
         return result
 
+    def check(self) -> None:
+        """Fail now, with a one-line error, on a missing model or dataset: before Ray starts."""
+        self.model_path()
+        self.runs(plan_only=True)
+
     def describe(self) -> list[str]:
         """What `farm plan` prints for a training job."""
         lines = [f"job {self.job.job}: {len(self.job.variants)} training run(s)"]
@@ -142,11 +147,11 @@ class Evaluation:
 
 def run_training_job(study: Study, recorded_seeds: dict | None, render: Callable, train_and_evaluate: Callable):
     """Reg sets first, then every run with its evaluation. `render(plan, folder)` renders a plan
-    (the dispatcher's run_plan); `train_and_evaluate(trains, replan)` is its run_study."""
+    (the dispatcher's run_plan); `train_and_evaluate(trains, replan)` is its run_study. Call
+    `study.check()` first, before starting Ray."""
     from .manifest import RunFolder
     from .regularization import generate_reg_sets
 
-    study.runs(plan_only=True)  # every variant's data is checked before anything runs
     reg_folders = generate_reg_sets(study.job, study.spec_dir, study.run_dir, render)
     runs = study.runs(reg_folders)
     evaluation = Evaluation(study.job.evaluation_job(), study.spec_dir, study.source, dict(recorded_seeds or {}))
