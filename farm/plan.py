@@ -292,7 +292,8 @@ def _lora_label(reference: str) -> str:
 def with_checkpoints(job: RenderJob, checkpoints: dict[str, list[tuple[int, str, str]]]) -> RenderJob:
     """Replace `lora: {run: v002}` values by that run's checkpoint files known so far.
 
-    `checkpoints` maps a run to its (epoch, label, path) triples, e.g. (7, "v002 epoch 7", "./x-000007").
+    `checkpoints` maps a run to its (epoch, label, path) triples in the order they were written,
+    e.g. (7, "v002 epoch 7", "./x-000007").
     Checkpoints not written yet simply have no tasks; planning again after each new file adds
     exactly the new tasks (their ids are new, the others' are unchanged)."""
     update = {}
@@ -305,7 +306,7 @@ def with_checkpoints(job: RenderJob, checkpoints: dict[str, list[tuple[int, str,
             if not choice.run:
                 values.append(choice)
                 continue
-            for epoch, label, path in sorted(checkpoints.get(choice.run, [])):
+            for epoch, label, path in checkpoints.get(choice.run, []):  # in the order they were written
                 if choice.epochs == "all" or epoch in choice.epochs:
                     values.append(choice.model_copy(update={"file": path, "label": label, "run": None}))
         update[axis] = values

@@ -13,9 +13,10 @@ import pyarrow.compute as pc
 import pytest
 
 from farm.dispatch import run_study
-from farm.study import Evaluation, Study
+from farm.grid import build_pages
 from farm.manifest import RunFolder
 from farm.spec import parse_spec
+from farm.study import Evaluation, Study
 from farm.tiny import write_tiny_dataset
 
 
@@ -206,3 +207,26 @@ def test_subject_lora_study_runs_at_tiny_scale(farm_cache, tmp_path):
     assert grid.returncode == 0, grid.stderr
     pages = sorted((out / "grids").glob("lora-x-prompt-*.png"))
     assert len(pages) == 1  # only the prompts table has both axes
+
+
+@pytest.mark.slow
+def test_anime_dreambooth_study_runs_at_tiny_scale(farm_cache, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "anime"
+    command = [sys.executable, "-m", "farm.cli", "run", "jobs/anime-dreambooth-study/study.yaml", "--scale", "tiny",
+               "--out", str(out), "--gpus", "2", "--quiet", "--no-dashboard"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = RunFolder(out)
+    labels = [r["label"] for r in folder.read_checkpoints()]
+    assert labels == ["noreg epoch 2", "noreg epoch 4", "reg step 6", "reg step 12", "reg epoch 1"]
+    table = folder.read().to_pylist()
+    assert len(table) == 5 * 2 * 4  # checkpoints × prompts (zipped with seed and cfg) × styles
+    styled = next(r for r in table if dict(r["axes"])["style"] == "watercolor")
+    assert styled["prompt"].startswith("watercolor painting of ") and styled["sampler"] == "DPM++ 2M SDE Karras"
+    assert {(r["seed"], r["cfg"]) for r in table} == {(1382869474, 9.0), (2811753849, 7.0)}
+    pages = build_pages(folder, "model", "style", ["prompt"])
+    # rows in the spec's variant order (reg, noreg), each run's checkpoints in the order written
+    assert pages[0].row_labels == ["reg step 6", "reg step 12", "reg epoch 1", "noreg epoch 2", "noreg epoch 4"]
