@@ -24,7 +24,8 @@ class PipelineOptions:
     vae_slicing: bool = False
     cpu_offload: str = "none"  # none | model (≈6 GB cards) | sequential (slowest, least VRAM)
     threads: int | None = None  # torch CPU threads; one per actor beats sharing cores
-    single_file_config: str | None = None  # diffusers SDXL folder whose configs a checkpoint uses
+    single_file_config: str | None = None  # diffusers folder with the configs of a single-file
+    # checkpoint's components; default: SDXL 1.0 base's, built offline (farm.tiny.sdxl_base_config)
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -62,10 +63,13 @@ def load_pipeline(path: str | Path, options: PipelineOptions = PipelineOptions()
             pipe = StableDiffusionXLPipeline.from_pretrained(
                 path, dtype=dtype, use_safetensors=True, local_files_only=True)
         else:
+            from .tiny import sdxl_base_config
+
+            # the component configs come from a local folder: offline there is no hub to ask
             pipe = StableDiffusionXLPipeline.from_single_file(
                 str(path), dtype=dtype, local_files_only=True,
-                config=options.single_file_config)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                config=options.single_file_config or str(sdxl_base_config()))
+    except Exception as exc:  # diffusers/transformers raise many types for a file that is not SDXL
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: cannot load as SDXL: {first_line}") from None
     pipe.set_progress_bar_config(disable=True)

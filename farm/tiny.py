@@ -264,3 +264,66 @@ def write_tiny_dataset(root: Path, images: int = 4, repeats: int = 2, token: str
             if captions:
                 (reg_dir / f"{index:03d}.txt").write_text(f"photo of a {class_word}, {_POSES[index % len(_POSES)]}")
     return root
+
+
+SDXL_CONFIG = "sdxl-base-config"  # cache folder name of the SDXL base component configs
+
+
+def sdxl_base_config() -> Path:
+    """A diffusers folder of SDXL 1.0 base's component *configs* (no weights), built offline.
+
+    `from_single_file` needs these to know what a single-file checkpoint holds; without network
+    it would otherwise look for them in the Hugging Face cache. Values are SDXL base 1.0's; the
+    tokenizers are CLIP's real vocabulary (the second pads with "!")."""
+
+    def build(tmp: Path) -> Path:
+        from transformers import CLIPTextConfig, CLIPTokenizer
+
+        out = tmp / "config"
+        text = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                    pad_token_id=1)
+        CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                       hidden_act="quick_gelu", projection_dim=768, architectures=["CLIPTextModel"],
+                       **text).save_pretrained(out / "text_encoder")
+        CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                       hidden_act="gelu", projection_dim=1280, architectures=["CLIPTextModelWithProjection"],
+                       **text).save_pretrained(out / "text_encoder_2")
+        with tempfile.TemporaryDirectory() as vocab_dir:
+            vocab, merges = write_clip_vocab(Path(vocab_dir))
+            CLIPTokenizer(str(vocab), str(merges), model_max_length=77).save_pretrained(out / "tokenizer")
+            CLIPTokenizer(str(vocab), str(merges), model_max_length=77, pad_token="!").save_pretrained(
+                out / "tokenizer_2")
+        configs = {
+            "model_index.json": {
+                "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+                "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]},
+            "unet/config.json": {
+                "_class_name": "UNet2DConditionModel", "act_fn": "silu", "addition_embed_type": "text_time",
+                "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256,
+                "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+                "cross_attention_dim": 2048, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D",
+                                                                  "CrossAttnDownBlock2D"],
+                "in_channels": 4, "layers_per_block": 2, "mid_block_type": "UNetMidBlock2DCrossAttn",
+                "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4,
+                "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+                "transformer_layers_per_block": [1, 2, 10],
+                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                "use_linear_projection": True},
+            "vae/config.json": {
+                "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+                "down_block_types": ["DownEncoderBlock2D"] * 4, "force_upcast": True, "in_channels": 3,
+                "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
+                "sample_size": 1024, "scaling_factor": 0.13025, "up_block_types": ["UpDecoderBlock2D"] * 4},
+            "scheduler/scheduler_config.json": {
+                "_class_name": "EulerDiscreteScheduler", **_SCHEDULER, "interpolation_type": "linear",
+                "use_karras_sigmas": False},
+        }
+        for name, config in configs.items():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text(json.dumps(config, indent=2))
+        return out
+
+    return _publish(build, cache_dir().parent / SDXL_CONFIG)
