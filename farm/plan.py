@@ -146,7 +146,7 @@ class Expander:
                 raise self.fail(where, str(exc)) from None
             self._loras[key] = (str(path), self.hashes.file(path))
         path, sha = self._loras[key]
-        name = reference.split("/")[-1] if reference.startswith("tiny:") else Path(path).stem
+        name = file_label(reference)
         return LoraUse(name=name, path=path, sha256=sha, strength=float(strength))
 
     def styles(self) -> dict[str, tuple[str, str]]:
@@ -213,7 +213,7 @@ class Expander:
             return value.label or value.positive
         if axis == "lora":
             settings["lora"], settings["lora_where"] = value.model_dump(), f"axes.lora[{index}]"
-            return value.label or (_lora_label(value.file) if value.file else "none")
+            return value.label or (file_label(value.file) if value.file else "none")
         if axis == "strength":
             settings["strength"] = value
             return f"{value:g}"
@@ -222,7 +222,7 @@ class Expander:
             return f"{value.width}x{value.height}"
         if axis == "model":
             settings["model"], settings["model_where"] = value.file, f"axes.model[{index}]"
-            return value.label or (Path(value.file).stem if not value.file.startswith("tiny:") else value.file)
+            return value.label or (value.file if value.file.startswith("tiny:") else file_label(value.file))
         if axis == "style":
             settings["style"] = None if value == "none" else self.styles()[value]
             return value
@@ -285,8 +285,11 @@ def apply_style(style: str, text: str) -> str:
     return ", ".join(part for part in (text, style) if part)
 
 
-def _lora_label(reference: str) -> str:
-    return reference.split("/")[-1] if reference.startswith("tiny:") else Path(reference).stem
+def file_label(reference: str) -> str:
+    """A model's or LoRA's display name: `tiny:lora/e1` → `e1`; `loras/x_1.0-000001.safetensors`
+    and the A1111 tag form `x_1.0-000001` → `x_1.0-000001` (a dot in a name is not a suffix)."""
+    name = reference.rstrip("/").split("/")[-1]
+    return name[: -len(".safetensors")] if name.lower().endswith(".safetensors") else name
 
 
 def with_checkpoints(job: RenderJob, checkpoints: dict[str, list[tuple[int, str, str]]]) -> RenderJob:

@@ -160,3 +160,16 @@ def test_sweeps_share_images_and_label_their_cells(lora_dir, tiny_model):
     shared = next(t for t in plan.tasks if len(t.cells) == 2)
     assert {dict(c)["sweep"] for c in shared.cells} == {"strength", "prompts"}
     assert set(plan.axis_labels) == {"strength", "prompts"}
+
+
+def test_dotted_kohya_names_keep_their_dots(lora_dir, tiny_model, tmp_path):
+    """The seed's files are `wouter_xl_1.0_v002-000001.safetensors`: `.0_v002…` is not a suffix."""
+    shutil.copy(lora_dir / "subject-000001.safetensors", tmp_path / "wouter_xl_1.0_v002-000001.safetensors")
+    data = study(lora_dir)
+    data["axes"] = {"lora": ["none", "wouter_xl_1.0_v002-000001"]}
+    plan = plan_of(data, tmp_path)
+    assert {dict(t.cells[0])["lora"] for t in plan.tasks} == {"none", "wouter_xl_1.0_v002-000001"}
+    data["defaults"]["prompt"] = "photo of a w0ut3r man <lora:wouter_xl_1.0_v002-000001:0.5>"
+    data["axes"] = {"seed": [1]}
+    tagged = plan_of(data, tmp_path).tasks[0]
+    assert [(l.name, l.strength) for l in tagged.loras] == [("wouter_xl_1.0_v002-000001", 0.5)]
