@@ -1,4 +1,4 @@
-"""Thin Ray actors: one worker per GPU that renders, and trains when the queue says so.
+"""Thin Ray actors: one worker per GPU that renders and trains, and a file server per planning node.
 
 State (the pipeline, the adapter cache, a trainer) lives on the actor, never in module globals.
 Each worker takes `num_gpus=1`, so Ray pins it to one GPU (CUDA_VISIBLE_DEVICES) and never puts
@@ -6,19 +6,39 @@ two on one card; on a CPU-only cluster whose nodes declare logical GPUs the same
 and the worker runs on the CPU with one torch thread (two 1-thread workers beat one 2-thread
 process). A worker holds either a render pipeline or a training run, never both at once, so a
 6 GB card fits either.
+
+Files without a shared disk: the driver offers each LoRA it planned to the `ArtifactServer` on its
+own node; a worker on another node fetches the bytes from there once (in blocks, through Ray's
+object store) into its node cache and checks them against the plan's sha256.
 """
 
 from __future__ import annotations
 
 import platform
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Iterator
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from .artifacts import fetched_copy, is_shared
+from .errors import LoraError
+from .metrics import record_render, record_train_step
 from .pipeline import PipelineOptions
-from .plan import Task
+from .plan import LoraUse, Task
 from .render import Renderer, RenderResult
+
+NAMESPACE = "sdfarm"
+_GROUPS = {"info": 1}  # `holds`/`missing` run beside the one render/train call at a time
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a job's files live: the node that planned it and the server that hands them out."""
+
+    node_id: str
+    server: str  # named ArtifactServer actor on that node
 
 
 class GpuWorker:
@@ -30,33 +50,116 @@ class GpuWorker:
         gpu_ids = ray.get_gpu_ids()
         self.slot = f"gpu{int(gpu_ids[0])}" if gpu_ids else f"cpu{index}"
         self.node = platform.node()
+        self.node_id = ray.get_runtime_context().get_node_id()
         if not torch.cuda.is_available():
             torch.set_num_threads(options.threads or 1)
             options = replace(options, threads=options.threads or 1)
         self.options = options
         self.name = f"worker:{self.slot}@{self.node}"
-        self.renderer = Renderer(options, worker=self.name)
+        self.renderer = self._new_renderer()
+        self.counters = {"pipeline_loads": 0, "lora_loads": 0, "fetched": 0, "rendered": 0, "trained": 0}
 
     def __repr__(self) -> str:  # the name the Ray dashboard shows for this actor
         return self.name
 
-    def render_batch(self, tasks: list[Task]) -> list[RenderResult]:
-        return self.renderer.render_many(tasks)
+    def _new_renderer(self) -> Renderer:
+        renderer = Renderer(self.options, worker=self.name)
+        renderer.locate = self._locate
+        self._source: Source | None = None
+        return renderer
+
+    def _retire_renderer(self) -> None:
+        self.counters["pipeline_loads"] += self.renderer.pipeline_loads
+        self.counters["lora_loads"] += self.renderer.adapters.loads if self.renderer.adapters else 0
+
+    def render_batch(self, tasks: list[Task], source: Source | None = None) -> list[RenderResult]:
+        self._source = source
+        results = self.renderer.render_many(tasks)
+        self.counters["rendered"] += len(results)
+        for result in results:
+            record_render(result, self.node)
+        return results
+
+    def _locate(self, lora: LoraUse) -> Path:
+        """The planned path on the planning node (or a shared root); else a fetched copy."""
+        source = self._source
+        if source is None or source.node_id == self.node_id or is_shared(lora.path):
+            return Path(lora.path)
+        server = ray.get_actor(source.server, namespace=NAMESPACE)
+        size = ray.get(server.size.remote(lora.sha256))
+        if size is None:
+            raise LoraError(f"{lora.path}: the planning node no longer offers this file")
+        path, fetched = fetched_copy(lora.sha256, Path(lora.path).suffix, size,
+                                     lambda offset, length: ray.get(server.read.remote(lora.sha256, offset, length)))
+        self.counters["fetched"] += fetched
+        return path
 
     def train(self, job) -> Iterator:
         """Run one training run (a `train.TrainRun`), yielding each Checkpoint as it is saved."""
         from .train import train_run
 
-        self.renderer = Renderer(self.options, worker=self.name)  # drop the render pipeline first
-        for checkpoint in train_run(job, self.options.device):
+        self._retire_renderer()
+        self.renderer = self._new_renderer()  # drop the render pipeline first
+        on_step = lambda step, loss, seconds: record_train_step(job.run, self.node, loss, seconds)  # noqa: E731
+        for checkpoint in train_run(job, self.options.device, on_step=on_step):
             yield replace(checkpoint, node=self.node)
+        self.counters["trained"] += 1
 
+    @ray.method(concurrency_group="info")  # answers while a render or training runs
+    def missing(self, paths: list[str]) -> list[str]:
+        """Which of `paths` this node lacks (a base model must be on every node that renders it)."""
+        return [path for path in paths if not Path(path).exists()]
+
+    @ray.method(concurrency_group="info")
     def holds(self) -> dict:
-        return {"name": self.name, "node": self.node, **self.renderer.holds()}
+        held = self.renderer.holds()
+        counters = dict(self.counters)
+        counters["pipeline_loads"] += held.pop("pipeline_loads")
+        counters["lora_loads"] += held.pop("lora_loads")
+        return {"name": self.name, "node": self.node, "node_id": self.node_id, **held, **counters}
+
+
+class ArtifactServer:
+    """Hands out the bytes of files a driver planned with, by sha256, in blocks."""
+
+    def __init__(self):
+        self.files: dict[str, str] = {}
+
+    def offer(self, files: dict[str, str]) -> None:
+        """{sha256: path}: only offered files are ever read."""
+        self.files.update(files)
+
+    def size(self, sha256: str) -> int | None:
+        path = self.files.get(sha256)
+        return Path(path).stat().st_size if path and Path(path).is_file() else None
+
+    def read(self, sha256: str, offset: int, length: int) -> bytes:
+        with open(self.files[sha256], "rb") as handle:
+            handle.seek(offset)
+            return handle.read(length)
+
+
+def artifact_source(loras: dict[str, str]) -> Source:
+    """Offer `loras` ({sha256: path}) from this node's file server (started once, detached)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    name = f"sdfarm-files-{node_id[:12]}"
+    server = ray.remote(ArtifactServer).options(
+        name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", num_cpus=0, max_concurrency=4,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
+    ray.get(server.offer.remote(loras))
+    return Source(node_id=node_id, server=name)
 
 
 def start_workers(count: int, options: PipelineOptions, use_gpus: bool) -> list:
-    """`count` workers, each on its own (logical) GPU, or one CPU each if none are declared."""
-    remote = ray.remote(GpuWorker)
+    """`count` workers of this run alone, each on its own (logical) GPU, or one CPU each if none."""
+    remote = ray.remote(concurrency_groups=_GROUPS)(GpuWorker)
     resources = {"num_gpus": 1, "num_cpus": 0} if use_gpus else {"num_cpus": 1}
     return [remote.options(max_restarts=3, **resources).remote(i, options) for i in range(count)]
+
+
+def start_pool_worker(name: str, node_id: str, index: int, options: PipelineOptions):
+    """A long-lived worker of the shared pool, pinned to one GPU of `node_id`."""
+    return ray.remote(concurrency_groups=_GROUPS)(GpuWorker).options(
+        name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", max_restarts=3,
+        num_gpus=1, num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+    ).remote(index, options)

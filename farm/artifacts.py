@@ -108,3 +108,59 @@ class HashCache:
         tmp.write_text(json.dumps(self.entries))
         os.replace(tmp, self.path)
         self.dirty = False
+
+
+# --- Copies across nodes -----------------------------------------------------------------------
+# Two laptops share no disk. A worker on a node other than the one a job was planned on never
+# trusts a path (the same path may hold other bytes there, or nothing): it keeps content-addressed
+# copies, fetched once in blocks from the planning node and checked against the plan's sha256.
+
+FETCH_BLOCK = 16 << 20  # bytes per object-store transfer: big files never sit whole in memory
+
+
+def node_cache_dir() -> Path:
+    """This node's fetched copies: $SDFARM_NODE_CACHE, else `blobs/` in the sdfarm cache."""
+    root = os.environ.get("SDFARM_NODE_CACHE")
+    return Path(root) if root else cache_dir().parent / "blobs"
+
+
+def shared_roots() -> list[Path]:
+    """Folders every node sees with the same bytes ($SDFARM_SHARED_ROOTS, `:`-separated)."""
+    value = os.environ.get("SDFARM_SHARED_ROOTS", "")
+    return [Path(p).expanduser().resolve() for p in value.split(os.pathsep) if p]
+
+
+def is_shared(path: str) -> bool:
+    resolved = Path(path).resolve()
+    return any(resolved.is_relative_to(root) for root in shared_roots())
+
+
+def fetched_copy(sha256: str, suffix: str, size: int, read_block) -> tuple[Path, bool]:
+    """A local file with exactly the bytes `sha256` names: (path, True when it was fetched now).
+
+    `read_block(offset, length)` returns the source's bytes; the copy is written to a temp file,
+    checked, then renamed, so a half-fetched or wrong copy is never visible under its name.
+    """
+    target = node_cache_dir() / f"{sha256}{suffix}"
+    if target.is_file() and HashCache().file(target) == sha256:
+        return target, False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+    digest = hashlib.sha256()
+    try:
+        with open(partial, "wb") as handle:
+            offset = 0
+            while offset < size:
+                block = read_block(offset, min(FETCH_BLOCK, size - offset))
+                if not block:
+                    break
+                handle.write(block)
+                digest.update(block)
+                offset += len(block)
+        if digest.hexdigest() != sha256:
+            raise LoraError(f"{sha256[:12]}{suffix}: the copy fetched from the planning node has other "
+                            "bytes than the plan hashed (file changed there?); plan again")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target, True

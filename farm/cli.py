@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .errors import FarmError
+from .jobqueue import DEFAULT_ADDRESS
 
 # Per model call at 1 megapixel on an RTX 2060 laptop: the seed's 70 s for 20 steps of a
 # two-call sampler at 1024². Only for `farm plan`'s rough estimate.
@@ -76,12 +79,37 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _runs_root() -> Path:
+    """Where submitted jobs' run folders go on the head: $SDFARM_RUNS, else ~/sdfarm/runs."""
+    return Path(os.environ.get("SDFARM_RUNS") or Path.home() / "sdfarm" / "runs").expanduser()
+
+
+def _stop_on_sigterm() -> None:
+    """`farm cancel` / `ray job stop` send SIGTERM: end like Ctrl-C, keeping what is done."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _open_shared_pool(args, options):
+    """The cluster's warm pool when this run joined a running cluster; None for a local Ray."""
+    from .pool import SharedPool
+
+    key = args.job_key or f"{args.job.job}@{Path(args.out).resolve()}"
+    return SharedPool(key, args.priority, options)
+
+
 def cmd_run(args) -> int:
     from .dispatch import connect, run_plan, run_study
     from .manifest import RunFolder
     from .plan import plan_job
+    from .jobqueue import print_progress
     from .spec import TrainJob
 
+    _stop_on_sigterm()
     run = RunFolder(args.out)
     info = run.load_run_info()
     if info.get("job") and info["job"] != args.job.job:
@@ -94,8 +122,11 @@ def cmd_run(args) -> int:
         plan = plan_job(args.job, _spec_dir(args), args.source, info.get("seeds"))
         run.save_run_info({"job": plan.job.job, "spec": args.source, "seeds": plan.seeds, "axes": plan.axis_labels})
     started_ray = connect(args.address, args.gpus, dashboard=not args.no_dashboard)
+    pool = None if started_ray else _open_shared_pool(args, options)
     try:
-        common = dict(actors=args.actors, chunk_size=args.chunk, options=options, quiet=args.quiet)
+        if pool is not None and not training:
+            pool.check_models([t.model_path for t in plan.tasks])
+        common = dict(actors=args.actors, chunk_size=args.chunk, options=options, quiet=args.quiet, pool=pool)
         if training:
             from .study import run_training_job
 
@@ -106,10 +137,15 @@ def cmd_run(args) -> int:
         else:
             summary = run_plan(plan, run, **common)
     finally:
+        if pool is not None:
+            pool.close()
         if started_ray:
             import ray
 
             ray.shutdown()
+    if args.job_key:
+        print_progress({"total": summary.total, "done": summary.ok + summary.skipped, "failed": summary.failed,
+                        "left": 0, "eta_s": 0, "updated": time.time()})
     if training:
         print(f"{args.job.job}: {len(run.read_checkpoints())} checkpoints from {len(runs)} run(s) in {run.train_dir}")
         print(f"evaluation: ", end="")
@@ -119,6 +155,101 @@ def cmd_run(args) -> int:
         print(f"  failed: {error}", file=sys.stderr)
     print(f"manifest: {run.manifest_dir}")
     return 1 if summary.failed or summary.failed_runs else 0
+
+
+def cmd_submit(args) -> int:
+    from . import jobqueue
+
+    passed = []
+    for flag in ("device", "chunk"):
+        if getattr(args, flag) is not None:
+            passed += [f"--{flag}", str(getattr(args, flag))]
+    submission_id = jobqueue.submit(args.address, args.spec, args.job.job, overrides=args.override,
+                                    scale=args.scale, priority=args.priority, out=args.out_on_head,
+                                    pipeline_args=passed)
+    print(submission_id)
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from . import jobqueue
+
+    jobs = jobqueue.farm_jobs(args.address)
+    for job in jobs:
+        print(jobqueue.describe(job, jobqueue.progress_of(args.address, job.submission_id)))
+    if not jobs:
+        print("no farm jobs on this cluster (farm submit SPEC)")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from . import jobqueue
+
+    job = jobqueue.job_info(args.address, args.job_id)
+    print(jobqueue.describe(job, jobqueue.progress_of(args.address, args.job_id)))
+    if job.message:
+        print(f"  {job.message.strip().splitlines()[-1]}")
+    logs = jobqueue.client(args.address).get_job_logs(args.job_id).strip().splitlines()
+    errors = [line for line in logs if line.startswith("farm: ") or "failed:" in line]
+    for line in errors[-5:]:
+        print(f"  {line}")
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from . import jobqueue
+
+    jobqueue.cancel(args.address, args.job_id)
+    print(f"{args.job_id}: stopping (finished images and manifest rows are kept)")
+    return 0
+
+
+def cmd_pause(args) -> int:
+    from . import jobqueue
+
+    pausing = args.command == "pause"
+    if pausing:
+        jobqueue.job_info(args.address, args.job_id)
+        if not jobqueue.control(args.address, "pause", args.job_id).get("found"):
+            raise FarmError(f"{args.job_id}: not in the pool's queue (finished, or not started yet)")
+        print(f"{args.job_id}: paused; its workers go to other jobs once their current chunks finish")
+        return 0
+    resumed = jobqueue.resume(args.address, args.job_id)
+    print(resumed if resumed != args.job_id else f"{args.job_id}: resumed")
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from . import jobqueue
+
+    jobqueue.job_info(args.address, args.job_id)
+    print(jobqueue.client(args.address).get_job_logs(args.job_id), end="")
+    return 0
+
+
+def cmd_pool(args) -> int:
+    from . import jobqueue
+
+    status = jobqueue.control(args.address, "pool")
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    for name, worker in sorted(status["workers"].items()):
+        holding = (worker.get("model_sha256") or "nothing")[:12]
+        print(f"{name}: {worker.get('name', '?')} holds {holding} + {len(worker.get('adapters', []))} LoRA(s); "
+              f"{worker.get('rendered', 0)} rendered, {worker.get('pipeline_loads', 0)} pipeline loads, "
+              f"{worker.get('fetched', 0)} files fetched; lent to {worker.get('held_by') or 'nobody'}")
+    for key, job in status["jobs"].items():
+        print(f"job {key}: priority {job['priority']}{' paused' if job['paused'] else ''}, "
+              f"{job.get('done', 0)}/{job.get('total', 0)} done")
+    return 0
+
+
+def cmd_control(args) -> int:
+    from .jobqueue import run_control
+
+    print(json.dumps(run_control(args.action, args.key)))
+    return 0
 
 
 def cmd_grid(args) -> int:
@@ -178,7 +309,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-dashboard", action="store_true", help="a local Ray started here runs without "
                    "its dashboard (default: on, at 127.0.0.1)")
+    p.add_argument("--priority", type=int, default=0, help="on a running cluster's shared pool: higher "
+                   "priority jobs take free workers first (default 0)")
+    p.add_argument("--job-key", help=argparse.SUPPRESS)  # set by `farm submit`: the job's name in the pool
     p.set_defaults(func=cmd_run)
+
+    address_help = f"Ray dashboard / Jobs API address (default: $RAY_API_SERVER_ADDRESS, else {DEFAULT_ADDRESS})"
+    p = sub.add_parser("submit", help="queue a job spec on the cluster through the Ray Jobs API; prints its id")
+    _spec_arguments(p)
+    p.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    p.add_argument("--address", help=address_help)
+    p.add_argument("--out", dest="out_on_head", help="run folder on the head (default: $SDFARM_RUNS/<job>, "
+                   "$SDFARM_RUNS defaulting to ~/sdfarm/runs)")
+    p.add_argument("--device", help="cuda, cpu, ... for the job's workers")
+    p.add_argument("--chunk", type=int, help="tasks per worker call")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="the cluster's farm jobs: state, progress, ETA, priority")
+    p.add_argument("--address", help=address_help)
+    p.set_defaults(func=cmd_jobs)
+    for name, func, text in (("status", cmd_status, "one job's state, progress and last errors"),
+                             ("cancel", cmd_cancel, "stop a job (what is done stays; resume later)"),
+                             ("pause", cmd_pause, "hold a job: its workers go to other jobs"),
+                             ("resume", cmd_pause, "release a paused job, or resubmit a stopped one"),
+                             ("logs", cmd_logs, "a job's driver log")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job_id")
+        p.add_argument("--address", help=address_help)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("pool", help="the shared workers: node, what each holds, what it has done")
+    p.add_argument("--address", help=address_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pool)
+
+    p = sub.add_parser("control", help="(run on the head by pause/resume/pool)")  # runs on the head inside a control job
+    p.add_argument("action", choices=["pause", "resume", "cancel", "pool"])
+    p.add_argument("key", nargs="?", default="")
+    p.set_defaults(func=cmd_control)
 
     p = sub.add_parser("grid", help="labelled grids and index.html from a run's manifest")
     p.add_argument("run", help="run folder")
@@ -209,8 +377,10 @@ def _load_job(args) -> None:
         overrides.insert(0, str(_spec_dir(args) / f"{args.scale}.yaml"))
     args.job = load_spec(args.spec, overrides)
     args.source = args.spec + "".join(f" + {o}" for o in overrides)
-    if not args.out:
-        suffix = f"-{args.scale}" if args.scale else ""
+    suffix = f"-{args.scale}" if args.scale else ""
+    if getattr(args, "job_key", None):  # a submitted job: its run folder is on the head
+        args.out = str(_runs_root() / (args.out or args.job.job + suffix))
+    elif hasattr(args, "out") and not args.out:
         args.out = str(Path("runs") / (args.job.job + suffix))
 
 

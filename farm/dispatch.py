@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from .actors import start_workers
+from .metrics import farm_metrics
 from .manifest import ManifestWriter, RunFolder
 from .pipeline import PipelineOptions
+from .pool import PrivatePool
 from .plan import Plan, Task
 from .render import RenderResult
 
@@ -152,6 +153,8 @@ class _Feed:
         self.attempts: dict[str, int] = {}
         self.summary = RunSummary(total=0, skipped=0)
         self.bar = _progress(0, quiet)
+        self.started = time.perf_counter()
+        self.job = run.load_run_info().get("job", run.root.name)
 
     def add(self, tasks: list[Task]) -> None:
         """Queue the tasks not seen before (re-planning after a new checkpoint adds only those)."""
@@ -164,6 +167,16 @@ class _Feed:
             self.queue.chunks.setdefault(group, deque()).extend(chunks)
         self.bar.total = (self.bar.total or 0) + len(fresh)
         self.bar.refresh()
+
+    def progress(self) -> dict:
+        """Numbers for `farm jobs` and the queue-depth metric: done counts skipped (resumed) ones."""
+        s = self.summary
+        done, left = s.ok + s.skipped, s.total - s.ok - s.skipped - s.failed
+        elapsed = time.perf_counter() - self.started
+        rate = s.ok / elapsed if s.ok else 0.0
+        farm_metrics().queue_depth.set(left, {"job": self.job})
+        return {"total": s.total, "done": done, "failed": s.failed, "left": left,
+                "eta_s": round(left / rate) if rate else None, "updated": time.time()}
 
     def record(self, result: RenderResult) -> None:
         self.writer.add(result)
@@ -188,51 +201,62 @@ def _pool_size(actors: int | None, work: int) -> tuple[int, bool]:
     return max(1, min(actors or slots, slots, max(work, 1))), use_gpus
 
 
-def _drive(pool: list, feed: _Feed, trains: deque, depth: int, on_checkpoint=None) -> None:
-    """Keep every worker busy until no work is left: training runs first (a worker takes one
-    when it has no render chunk in flight), render chunks by affinity otherwise. Checkpoints
-    stream back while a run trains, and `on_checkpoint` may queue renders for them at once."""
+def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None) -> None:
+    """Keep every usable worker busy until no work is left: training runs first (a worker takes
+    one when it has no render chunk in flight), render chunks by affinity otherwise. Checkpoints
+    stream back while a run trains, and `on_checkpoint` may queue renders for them at once.
+    `pool` (pool.PrivatePool or pool.SharedPool) says which workers this job may use now."""
     renders: dict = {}  # ref → (worker, chunk)
     training: dict = {}  # streaming generator → (worker, TrainRun)
-    load = [0] * len(pool)
+    load: dict = {}  # worker → chunks in flight
     train_attempts: dict[str, int] = {}
-    busy_training: set[int] = set()
+    busy_training: set = set()
 
-    def fill(index: int) -> None:
-        if index in busy_training:
+    def fill(key) -> None:
+        if key in busy_training:
             return
-        if trains and load[index] == 0:
+        worker = pool.handles[key]
+        if trains and not load.get(key):
             job = trains.popleft()
-            generator = pool[index].train.options(num_returns="streaming", name=f"train {job.run}").remote(job)
-            training[generator] = (index, job)
-            busy_training.add(index)
+            pool.pin(key, True)
+            generator = worker.train.options(num_returns="streaming", name=f"train {job.run}").remote(job)
+            training[generator] = (key, job)
+            busy_training.add(key)
             return
-        while load[index] < depth:
-            chunk = feed.queue.take(index)
+        while load.get(key, 0) < depth:
+            chunk = feed.queue.take(key)
             if chunk is None:
                 return
+            pool.offer(chunk)
             name = chunk[0].title if len(chunk) == 1 else f"{chunk[0].title} (+{len(chunk) - 1})"
-            renders[pool[index].render_batch.options(name=name[:80]).remote(chunk)] = (index, chunk)
-            load[index] += 1
+            ref = worker.render_batch.options(name=name[:80]).remote(chunk, pool.source())
+            renders[ref] = (key, chunk)
+            load[key] = load.get(key, 0) + 1
+
+    def end_training(ref, key) -> None:
+        del training[ref]
+        busy_training.discard(key)
+        pool.pin(key, False)
 
     while True:
-        for index in range(len(pool)):
-            fill(index)
-        if not renders and not training:
+        pool.sync(load, feed.progress())
+        for key in pool.usable():
+            fill(key)
+        queued = sum(len(chunks) for chunks in feed.queue.chunks.values())
+        if not renders and not training and not queued and not trains:
             return
-        ready, _ = ray.wait([*renders, *training], num_returns=1)
+        pool.want(len(trains) + -(-queued // depth) - len(pool.usable()))
+        ready, _ = ray.wait([*renders, *training, *pool.waitables()], num_returns=1, timeout=pool.tick)
         for ref in ready:
             if ref in training:
-                index, job = training[ref]
+                key, job = training[ref]
                 try:
                     checkpoint = ray.get(next(ref))
                 except StopIteration:
-                    del training[ref]
-                    busy_training.discard(index)
+                    end_training(ref, key)
                     continue
                 except RayActorError as exc:  # the worker died mid-run: resume from its saved state
-                    del training[ref]
-                    busy_training.discard(index)
+                    end_training(ref, key)
                     train_attempts[job.run] = train_attempts.get(job.run, 0) + 1
                     if train_attempts[job.run] < MAX_ATTEMPTS:
                         trains.appendleft(job)
@@ -240,55 +264,69 @@ def _drive(pool: list, feed: _Feed, trains: deque, depth: int, on_checkpoint=Non
                         feed.summary.failed_runs.append(f"{job.run}: worker died {MAX_ATTEMPTS} times: {_first_line(exc)}")
                     continue
                 except RayTaskError as exc:  # the run itself failed (bad data, bad options): others go on
-                    del training[ref]
-                    busy_training.discard(index)
+                    end_training(ref, key)
                     feed.summary.failed_runs.append(f"{job.run}: {_first_line(exc.cause or exc)}")
                     continue
                 if on_checkpoint:
                     on_checkpoint(checkpoint)
                 continue
-            index, chunk = renders.pop(ref)
-            load[index] -= 1
+            if ref not in renders:
+                pool.on_ready(ref)
+                continue
+            key, chunk = renders.pop(ref)
+            load[key] -= 1
             try:
                 results = ray.get(ref)
             except RayActorError as exc:
                 _requeue_lost(chunk, feed.queue, feed.attempts, feed.record, exc)
                 results = []
+                if not load[key]:  # a restarting worker is found again by the shared pool's keeper
+                    pool.lost(key)
             except RayTaskError as exc:  # the worker itself broke on this chunk: fail its tasks, go on
                 results = [RenderResult(task=t, status="failed", error=_first_line(exc.cause or exc)) for t in chunk]
             for result in results:
                 feed.record(result)
 
 
+def _open_pool(pool, actors: int | None, work: int, options: PipelineOptions):
+    """(pool, opened here): a pool object as given, a list of workers as a private pool that stays
+    up, or by default a private pool started for this run."""
+    if pool is None:
+        count, use_gpus = _pool_size(actors, work)
+        return PrivatePool.start(count, options, use_gpus), True
+    if isinstance(pool, list):
+        return PrivatePool(pool, owned=False), True
+    return pool, False
+
+
 def run_plan(plan: Plan, run: RunFolder, *, actors: int | None = None, chunk_size: int = 4,
              depth: int = 2, options: PipelineOptions = PipelineOptions(), quiet: bool = False,
-             pool: list | None = None) -> RunSummary:
+             pool=None) -> RunSummary:
     """Render every task of `plan` that has no `ok` row in `run`'s manifest, on the current Ray.
 
-    `pool`: workers that are already up (and stay up); by default the run starts its own."""
+    `pool`: a `pool.SharedPool`, a list of workers that are already up (and stay up), or None
+    for workers of this run alone."""
     started = time.perf_counter()
     feed = _Feed(run, quiet, chunk_size)
     feed.add(plan.tasks)
     if not any(feed.queue.chunks.values()):
         feed.close()
         return feed.summary
-    own_pool = pool is None
-    if own_pool:
-        count, use_gpus = _pool_size(actors, len(plan.tasks))
-        pool = start_workers(count, options, use_gpus)
+    pool, opened = _open_pool(pool, actors, len(plan.tasks), options)
     try:
         _drive(pool, feed, deque(), depth)
     finally:
         feed.close()
-        for worker in pool if own_pool else []:
-            ray.kill(worker)
+        if opened:
+            pool.close()
     feed.summary.lora_switches = feed.queue.switches
     feed.summary.wall_s = time.perf_counter() - started
     return feed.summary
 
 
 def run_study(trains: list, replan, run: RunFolder, *, actors: int | None = None, chunk_size: int = 4,
-              depth: int = 2, options: PipelineOptions = PipelineOptions(), quiet: bool = False) -> RunSummary:
+              depth: int = 2, options: PipelineOptions = PipelineOptions(), quiet: bool = False,
+              pool=None) -> RunSummary:
     """Train `trains` (TrainRuns) and render their evaluation as each checkpoint appears.
 
     `replan(checkpoints)` returns the evaluation tasks for the checkpoints known so far; it is
@@ -311,14 +349,13 @@ def run_study(trains: list, replan, run: RunFolder, *, actors: int | None = None
         feed.add(replan(known))
 
     pending = deque(job for job in trains if job.run not in finished)
-    count, use_gpus = _pool_size(actors, len(pending) + 1)
-    pool = start_workers(count, options, use_gpus)
+    pool, opened = _open_pool(pool, actors, len(pending) + 1, options)
     try:
         _drive(pool, feed, pending, depth, on_checkpoint)
     finally:
         feed.close()
-        for worker in pool:
-            ray.kill(worker)
+        if opened:
+            pool.close()
     feed.summary.lora_switches = feed.queue.switches
     feed.summary.wall_s = time.perf_counter() - started
     return feed.summary

@@ -13,7 +13,7 @@ import hashlib
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .errors import LoraError
 from .plan import LoraUse
@@ -23,11 +23,12 @@ def adapter_name(lora: LoraUse) -> str:
     return "lora_" + lora.sha256[:16]
 
 
-def read_lora(lora: LoraUse) -> dict:
-    """The LoRA's tensors, after checking the file still has the bytes the plan hashed."""
+def read_lora(lora: LoraUse, path: Path | None = None) -> dict:
+    """The LoRA's tensors, after checking the file (`path`, else the planned one) still has the
+    bytes the plan hashed."""
     from safetensors.torch import load as load_safetensors
 
-    path = Path(lora.path)
+    path = path or Path(lora.path)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -43,8 +44,9 @@ def read_lora(lora: LoraUse) -> dict:
 class AdapterCache:
     """Which LoRAs a pipeline holds, and which are active at which strength."""
 
-    def __init__(self, pipe, max_adapters: int = 8):
+    def __init__(self, pipe, max_adapters: int = 8, locate: Callable[[LoraUse], Path] | None = None):
         self.pipe = pipe
+        self.locate = locate or (lambda lora: Path(lora.path))  # a worker on another node fetches
         self.max_adapters = max_adapters
         self.loaded: OrderedDict[str, LoraUse] = OrderedDict()
         self.active: tuple[tuple[str, float], ...] = ()
@@ -52,21 +54,22 @@ class AdapterCache:
         self.loads = 0  # disk loads, for the benchmark and tests
 
     def apply(self, loras: Sequence[LoraUse]) -> float:
-        """Make exactly `loras` active at their strengths; returns the seconds it took."""
-        started = time.perf_counter()
+        """Make exactly `loras` active at their strengths; returns the seconds it took (0.0: no change)."""
         wanted = tuple((adapter_name(lora), lora.strength) for lora in loras)
-        if wanted != self.active:
-            if not loras:
-                self.pipe.disable_lora()
-                self.enabled = False
-            else:
-                for lora in loras:
-                    self._ensure_loaded(lora)
-                if not self.enabled:  # enable_lora walks every layer: only when it was disabled
-                    self.pipe.enable_lora()
-                    self.enabled = True
-                self.pipe.set_adapters([n for n, _ in wanted], adapter_weights=[w for _, w in wanted])
-            self.active = wanted
+        if wanted == self.active:
+            return 0.0
+        started = time.perf_counter()
+        if not loras:
+            self.pipe.disable_lora()
+            self.enabled = False
+        else:
+            for lora in loras:
+                self._ensure_loaded(lora)
+            if not self.enabled:  # enable_lora walks every layer: only when it was disabled
+                self.pipe.enable_lora()
+                self.enabled = True
+            self.pipe.set_adapters([n for n, _ in wanted], adapter_weights=[w for _, w in wanted])
+        self.active = wanted
         return time.perf_counter() - started
 
     def _ensure_loaded(self, lora: LoraUse) -> None:
@@ -75,7 +78,7 @@ class AdapterCache:
             self.loaded.move_to_end(name)
             return
         self._evict_for_one_more()
-        state = read_lora(lora)
+        state = read_lora(lora, self.locate(lora))
         try:
             self.pipe.load_lora_weights(state, adapter_name=name)
         except Exception as exc:  # diffusers/peft: wrong base model, bad keys or shapes

@@ -13,6 +13,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Iterable
 
 from . import __version__
@@ -66,11 +67,14 @@ class Renderer:
         self.model_sha256 = ""
         self.base_scheduler_config = None
         self.adapters: AdapterCache | None = None
+        self.locate = None  # LoraUse → local Path; None: the planned path
+        self.pipeline_loads = 0
 
     def holds(self) -> dict:
         """What this renderer has loaded: the dispatcher prefers tasks that need no switch."""
         loaded = list(self.adapters.loaded) if self.adapters else []
-        return {"model_sha256": self.model_sha256, "adapters": loaded}
+        return {"model_sha256": self.model_sha256, "adapters": loaded, "pipeline_loads": self.pipeline_loads,
+                "lora_loads": self.adapters.loads if self.adapters else 0}
 
     def _ensure_model(self, task: Task) -> None:
         if self.pipe is not None and self.model_sha256 == task.model_sha256:
@@ -79,7 +83,9 @@ class Renderer:
         self.pipe = load_pipeline(task.model_path, self.options)
         self.model_sha256 = task.model_sha256
         self.base_scheduler_config = dict(self.pipe.scheduler.config)
-        self.adapters = AdapterCache(self.pipe, self.max_adapters)
+        self.adapters = AdapterCache(self.pipe, self.max_adapters, lambda lora: self.locate(lora) if self.locate
+                                     else Path(lora.path))
+        self.pipeline_loads += 1
 
     def render(self, task: Task) -> RenderResult:
         """Render one task; a problem with this task becomes a failed result, not an exception."""

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .dataset import Dataset, step_math
 from .errors import FarmError
@@ -112,6 +112,7 @@ class Trainer:
 
         quiet_libraries()
         self.run, self.dataset, self.options, self.out_dir = run, dataset, options, Path(out_dir)
+        self.on_step: Callable[[int, float, float], None] | None = None
         self.model_name = model_name
         self.device = pick_device(device)
         self.math = step_math(dataset, options.gradient_accumulation_steps, options.max_train_epochs,
@@ -474,6 +475,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 step += 1
                 log.write(step, epoch, loss_value, self.lr_scheduler.get_last_lr()[0], time.perf_counter() - began)
+                if self.on_step:
+                    self.on_step(step, loss_value, time.perf_counter() - began)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch, refresh=False)
                 if not progress and (step % report_every == 0 or step == total):
@@ -582,12 +585,16 @@ class TrainRun:
     out_dir: str
 
 
-def train_run(job: TrainRun, device: str | None = None, progress: bool = False) -> Iterator[Checkpoint]:
-    """Train (or resume) one run, yielding its checkpoints as they are written."""
+def train_run(job: TrainRun, device: str | None = None, progress: bool = False,
+              on_step: Callable[[int, float, float], None] | None = None) -> Iterator[Checkpoint]:
+    """Train (or resume) one run, yielding its checkpoints as they are written.
+
+    `on_step(step, loss, seconds)` sees every optimizer step (the worker turns it into metrics)."""
     from .dataset import dataset_for
 
     dataset = dataset_for(job.options, Path(job.data_base))
     trainer = Trainer(job.run, job.model_path, job.model_name, dataset, job.options, Path(job.out_dir), device)
+    trainer.on_step = on_step
     yield from trainer.train(progress=progress)
 
 

@@ -1,0 +1,197 @@
+"""The job queue on Ray Jobs: submit a spec to the head, list, watch, pause, cancel, resume.
+
+A submitted job is an ordinary Ray job (the dashboard's Jobs tab shows it and its logs) whose
+entrypoint is `farm run` on the head, with the spec's folder as its working directory and its run
+folder on the head. The job's spec and manifest are its whole state: resuming resubmits the same
+entrypoint and renders only what has no `ok` row. Pausing and the pool's status reach the pool's
+keeper through a short control job, so every command works wherever the Jobs API is reachable
+(`ray dashboard cluster.yaml` forwards it), with Ray's token sent by the SDK.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import FarmError
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+PROGRESS_MARK = "sdfarm-progress "
+_MAX_UPLOAD_FILE = 50 << 20  # a spec folder file above this is not sent along (say, a stray checkpoint)
+
+
+def print_progress(progress: dict) -> None:
+    """A line in the driver's log (the dashboard's Jobs tab): `farm jobs` reads the latest."""
+    print(PROGRESS_MARK + json.dumps(progress), flush=True)
+
+
+def client(address: str | None):
+    """A Jobs API client for `address` ($RAY_API_SERVER_ADDRESS, else the local dashboard)."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # connection refused, auth failure, not a Ray dashboard
+        raise FarmError(f"--address {address}: no Ray Jobs API there ({_first_line(exc)}); "
+                        "start the cluster (`ray up cluster.yaml`) and forward it (`ray dashboard cluster.yaml`)") from None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "job"
+
+
+def _staging(spec: Path, overrides: list[str]) -> tuple[str, list[str]]:
+    """A folder holding the spec's folder (small files) and the overrides: the job's working dir."""
+    stage = Path(tempfile.mkdtemp(prefix="sdfarm-submit-"))
+    for item in spec.parent.iterdir():
+        if item.is_file() and item.stat().st_size <= _MAX_UPLOAD_FILE:
+            shutil.copy2(item, stage / item.name)
+    names = []
+    for index, override in enumerate(overrides):
+        name = f"_override_{index}.yaml"
+        shutil.copy2(override, stage / name)
+        names.append(name)
+    return str(stage), names
+
+
+def submit(address: str | None, spec: str, job_name: str, *, overrides: list[str], scale: str | None,
+           priority: int, out: str | None, pipeline_args: list[str]) -> str:
+    """Submit `farm run SPEC` as a Ray job; returns its submission id."""
+    jobs = client(address)
+    stage, override_names = _staging(Path(spec).resolve(), overrides)
+    submission_id = f"sdfarm-{_slug(job_name)}-{secrets.token_hex(3)}"
+    command = ["python", "-m", "farm.cli", "run", Path(spec).name, "--job-key", submission_id,
+               "--priority", str(priority), "--quiet"]
+    for name in override_names:
+        command += ["--override", name]
+    if scale:
+        command += ["--scale", scale]
+    if out:
+        command += ["--out", out]
+    command += pipeline_args
+    try:
+        jobs.submit_job(entrypoint=shlex.join(command), submission_id=submission_id,
+                        runtime_env={"working_dir": stage}, entrypoint_num_cpus=0,
+                        metadata={"sdfarm": "1", "job": job_name, "priority": str(priority), "spec": spec})
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return submission_id
+
+
+def farm_jobs(address: str | None) -> list:
+    """The cluster's farm jobs (JobDetails), newest last."""
+    details = [job for job in client(address).list_jobs() if (job.metadata or {}).get("sdfarm")]
+    return sorted(details, key=lambda job: job.start_time or 0)
+
+
+def progress_of(address: str | None, submission_id: str) -> dict:
+    """The latest progress line the job's driver printed ({} before the first)."""
+    logs = client(address).get_job_logs(submission_id)
+    for line in reversed(logs.splitlines()):
+        if line.startswith(PROGRESS_MARK):
+            return json.loads(line[len(PROGRESS_MARK):])
+    return {}
+
+
+def describe(job, progress: dict) -> str:
+    meta = job.metadata or {}
+    state = job.status.value if hasattr(job.status, "value") else str(job.status)
+    if progress:
+        counts = f"{progress['done']}/{progress['total']} done, {progress['failed']} failed"
+        eta = progress.get("eta_s")
+        counts += f", ETA {_duration(eta)}" if eta and state == "RUNNING" else ""
+        if progress.get("paused"):
+            state += " (paused)"
+    else:
+        counts = "no progress yet"
+    return f"{job.submission_id}  {state:<10} priority {meta.get('priority', '0'):>3}  {meta.get('job', '')}: {counts}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def job_info(address: str | None, submission_id: str):
+    jobs = client(address)
+    try:
+        return jobs.get_job_info(submission_id)
+    except RuntimeError:
+        raise FarmError(f"{submission_id}: no such job (see `farm jobs`)") from None
+
+
+def cancel(address: str | None, submission_id: str) -> bool:
+    """Stop the job's driver: it flushes its manifest and gives its workers back (SIGTERM)."""
+    job_info(address, submission_id)
+    return client(address).stop_job(submission_id)
+
+
+def control(address: str | None, action: str, key: str = "", timeout_s: float = 120) -> dict:
+    """Run `farm control ACTION KEY` on the head (it reaches the pool's keeper) and return its answer."""
+    jobs = client(address)
+    submission_id = f"sdfarm-control-{action}-{secrets.token_hex(3)}"
+    jobs.submit_job(entrypoint=shlex.join(["python", "-m", "farm.cli", "control", action, key]),
+                    submission_id=submission_id, entrypoint_num_cpus=0, metadata={"sdfarm-control": action})
+    deadline = time.monotonic() + timeout_s
+    while (status := str(jobs.get_job_status(submission_id))) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        if time.monotonic() > deadline:
+            jobs.stop_job(submission_id)
+            raise FarmError(f"farm control {action}: no answer from the head in {timeout_s:.0f} s")
+        time.sleep(0.3)
+    logs = jobs.get_job_logs(submission_id)
+    jobs.delete_job(submission_id)
+    answers = [line for line in logs.splitlines() if line.startswith("{")]
+    if status != "SUCCEEDED" or not answers:
+        raise FarmError(f"farm control {action}: failed on the head: {(logs.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(answers[-1])
+
+
+def resume(address: str | None, submission_id: str) -> str:
+    """Release a paused job, or resubmit a stopped/failed one: only tasks without `ok` rows render."""
+    job = job_info(address, submission_id)
+    state = str(job.status)
+    if state in ("PENDING", "RUNNING"):
+        if not control(address, "resume", submission_id).get("found"):
+            raise FarmError(f"{submission_id}: running, but not waiting in the pool (nothing to resume)")
+        return submission_id
+    base = re.sub(r"-r\d+$", "", submission_id)
+    taken = {j.submission_id for j in client(address).list_jobs()}
+    new_id = next(f"{base}-r{n}" for n in range(1, 10_000) if f"{base}-r{n}" not in taken)
+    entrypoint = job.entrypoint.replace(f"--job-key {submission_id}", f"--job-key {new_id}")
+    client(address).submit_job(entrypoint=entrypoint, submission_id=new_id, runtime_env=job.runtime_env,
+                               entrypoint_num_cpus=0, metadata=job.metadata)
+    return new_id
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def run_control(action: str, key: str) -> dict:
+    """On the head, inside a control job: act on the pool's keeper."""
+    import ray
+
+    from .actors import NAMESPACE
+    from .pool import POOL_NAME
+
+    ray.init(address="auto", namespace=NAMESPACE, logging_level="ERROR")
+    try:
+        keeper = ray.get_actor(POOL_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return {"found": False, "workers": {}, "jobs": {}}
+    if action in ("pause", "resume"):
+        return {"found": ray.get(keeper.pause.remote(key, action == "pause"))}
+    if action == "cancel":
+        return {"found": ray.get(keeper.cancel.remote(key))}
+    if action == "pool":
+        return ray.get(keeper.status.remote())
+    raise FarmError(f"farm control: unknown action {action!r}")
+

@@ -1,0 +1,377 @@
+"""Who may use which worker: a private pool for one run, or the cluster's shared warm pool.
+
+The shared pool is one detached `PoolKeeper` actor (named `sdfarm-pool`) that keeps one
+long-lived, named worker per GPU of every live node (growing when nodes join, forgetting workers
+of nodes that left) and lends them to job drivers. Every job's driver asks for as many workers as
+it has work for; free workers go to the waiting job with the highest priority (ties: the earlier
+job), preferring workers that job used last, whose pipeline and LoRAs are already loaded.
+
+A lease lasts `LEASE_S`; the driver renews it while no other job of equal or higher priority
+waits, so a running job keeps its workers (and its pipelining) until a more urgent job arrives,
+then gives them up within one lease once their queued chunks finish: priority acts at chunk
+boundaries and nothing in flight is abandoned. A training run pins its worker until it ends.
+Pausing a job stops its renewals and grants; a driver that stops reporting for `STALE_S` (killed)
+loses its workers. Progress reports double as heartbeats and feed `farm jobs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+from .actors import NAMESPACE, artifact_source, start_pool_worker, start_workers
+from .errors import FarmError
+from .jobqueue import print_progress
+from .pipeline import PipelineOptions
+
+POOL_NAME = "sdfarm-pool"
+LEASE_S = 5.0
+STALE_S = 30.0
+REFRESH_S = 2.0
+PRINT_S = 10.0
+
+
+@dataclass
+class _Job:
+    key: str
+    priority: int
+    seq: int
+    want: int = 0
+    paused: bool = False
+    cancelled: bool = False
+    granted: list = field(default_factory=list)
+    progress: dict = field(default_factory=dict)
+    seen: float = field(default_factory=time.monotonic)
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class PoolKeeper:
+    """The shared pool's bookkeeping (an async actor: waiting drivers cost nothing)."""
+
+    def __init__(self, options: PipelineOptions):
+        self.options = options
+        self.workers: dict[str, object] = {}  # name → handle
+        self.node_of: dict[str, str] = {}
+        self.held: dict[str, tuple[str, float | None]] = {}  # name → (job, expires; None: pinned)
+        self.last_job: dict[str, str] = {}
+        self.jobs: dict[str, _Job] = {}
+        self.seq = 0
+        self.refreshed = 0.0
+
+    # --- the driver's side ------------------------------------------------------------------
+
+    async def acquire(self, key: str, priority: int, want: int) -> list[tuple[str, object]]:
+        """Wait until this job may have up to `want` more workers; [] when it was cancelled/ended."""
+        job = self._job(key, priority)
+        job.want = want
+        while True:
+            self._refresh()
+            self._assign()
+            if job.granted or job.cancelled or self.jobs.get(key) is not job:
+                granted, job.granted, job.want = job.granted, [], 0
+                return [(name, self.workers[name]) for name in granted if name in self.workers]
+            job.event.clear()
+            try:
+                await asyncio.wait_for(job.event.wait(), REFRESH_S)
+            except asyncio.TimeoutError:
+                pass
+
+    def renew(self, key: str, names: list[str]) -> list[str]:
+        """Extend the leases no more urgent job waits for; the rest run out."""
+        job = self.jobs.get(key)
+        if job is None or job.paused or job.cancelled:
+            return []
+        job.seen = time.monotonic()
+        if any(other.want > 0 and not other.paused and other.key != key and other.priority >= job.priority
+               for other in self.jobs.values()):
+            return []
+        renewed = [name for name in names if self.held.get(name, ("",))[0] == key]
+        for name in renewed:
+            if self.held[name][1] is not None:
+                self.held[name] = (key, time.monotonic() + LEASE_S)
+        return renewed
+
+    def release(self, key: str, names: list[str]) -> None:
+        for name in names:
+            if self.held.get(name, ("",))[0] == key:
+                del self.held[name]
+                self.last_job[name] = key
+        self._wake()
+
+    def pin(self, key: str, name: str, pinned: bool) -> None:
+        """A training run keeps its worker however long it takes (`pinned=False` ends that)."""
+        if self.held.get(name, ("",))[0] == key:
+            self.held[name] = (key, None if pinned else time.monotonic() + LEASE_S)
+
+    def lost(self, name: str) -> None:
+        """A driver saw this worker die for good: forget it (the next refresh starts a new one)."""
+        self.workers.pop(name, None)
+        self.held.pop(name, None)
+        self.refreshed = 0.0
+
+    def report(self, key: str, progress: dict) -> dict:
+        """Progress in, the job's standing out (a paused job's driver says so in its log)."""
+        job = self.jobs.get(key)
+        if job is None:
+            return {}
+        job.seen = time.monotonic()
+        job.progress = progress
+        return {"paused": job.paused, "cancelled": job.cancelled}
+
+    def finish(self, key: str) -> None:
+        """The job's driver is done: its workers and its place in the queue go."""
+        job = self.jobs.pop(key, None)
+        self.release(key, [name for name, (holder, _) in self.held.items() if holder == key])
+        if job is not None:
+            job.event.set()
+
+    # --- the user's side --------------------------------------------------------------------
+
+    def pause(self, key: str, paused: bool = True) -> bool:
+        job = self.jobs.get(key)
+        if job is None:
+            return False
+        job.paused = paused
+        self._wake()
+        return True
+
+    def cancel(self, key: str) -> bool:
+        job = self.jobs.get(key)
+        if job is not None:
+            job.cancelled = True
+            job.event.set()
+        return job is not None
+
+    async def status(self) -> dict:
+        """Workers (with what each holds and has done) and jobs, for `farm pool` / `farm jobs`."""
+        self._refresh(force=True)
+        workers = {}
+        for name, handle in self.workers.items():
+            try:
+                holds = await asyncio.wait_for(handle.holds.remote(), 10)
+            except Exception as exc:  # a dead or still-starting worker still shows
+                holds = {"error": type(exc).__name__}
+            workers[name] = {**holds, "held_by": self.held.get(name, ("",))[0]}
+        jobs = {key: {"priority": job.priority, "paused": job.paused, "cancelled": job.cancelled,
+                      "waiting_for": job.want, **job.progress} for key, job in self.jobs.items()}
+        return {"workers": workers, "jobs": jobs}
+
+    async def missing(self, paths: list[str]) -> dict[str, list[str]]:
+        """{node: paths it lacks}, asking one worker per live node."""
+        self._refresh(force=True)
+        one_per_node = {}
+        for name, node_id in self.node_of.items():
+            one_per_node.setdefault(node_id, self.workers[name])
+        answers = await asyncio.gather(*(w.missing.remote(paths) for w in one_per_node.values()),
+                                       return_exceptions=True)
+        return {node_id: ([] if isinstance(answer, Exception) else answer)
+                for node_id, answer in zip(one_per_node, answers)}
+
+    # --- inside -----------------------------------------------------------------------------
+
+    def _job(self, key: str, priority: int) -> _Job:
+        job = self.jobs.get(key)
+        if job is None:
+            self.seq += 1
+            job = self.jobs[key] = _Job(key, priority, self.seq)
+        job.priority, job.seen = priority, time.monotonic()
+        return job
+
+    def _wake(self) -> None:
+        for job in self.jobs.values():
+            job.event.set()
+
+    def _refresh(self, force: bool = False) -> None:
+        """One worker per GPU of every live node; drop jobs whose driver went quiet."""
+        now = time.monotonic()
+        if not force and now - self.refreshed < REFRESH_S:
+            return
+        self.refreshed = now
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        alive = {n["NodeID"] for n in nodes}
+        for name in [n for n, node in self.node_of.items() if node not in alive]:
+            self.workers.pop(name, None)
+            self.node_of.pop(name)
+            self.held.pop(name, None)
+        for node in nodes:
+            node_id = node["NodeID"]
+            for index in range(int(node["Resources"].get("GPU", 0))):
+                name = f"sdfarm-worker-{node_id[:8]}-{index}"
+                if name not in self.workers:
+                    self.workers[name] = start_pool_worker(name, node_id, index, self.options)
+                    self.node_of[name] = node_id
+        for key in [k for k, job in self.jobs.items() if now - job.seen > STALE_S]:
+            self.finish(key)
+        for name, (holder, expires) in list(self.held.items()):
+            if expires is not None and now > expires + STALE_S:  # granted, never renewed nor released
+                self.release(holder, [name])
+
+    def _assign(self) -> None:
+        now = time.monotonic()
+        free = [name for name in self.workers if name not in self.held]
+        waiting = sorted((j for j in self.jobs.values() if j.want > 0 and not j.paused and not j.cancelled),
+                         key=lambda j: (-j.priority, j.seq))
+        for job in waiting:
+            while job.want > 0 and free:
+                pick = next((n for n in free if self.last_job.get(n) == job.key), free[0])
+                free.remove(pick)
+                self.held[pick] = (job.key, now + LEASE_S)
+                job.granted.append(pick)
+                job.want -= 1
+            if job.granted:
+                job.event.set()
+
+
+def pool_keeper(options: PipelineOptions = PipelineOptions()):
+    """The cluster's keeper, started on first use (its workers use the first caller's options)."""
+    return ray.remote(PoolKeeper).options(
+        name=POOL_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", num_cpus=0,
+        max_concurrency=1000).remote(options)
+
+
+class PrivatePool:
+    """Workers of one run (started for it, or handed in by the caller), always all usable."""
+
+    tick = None
+
+    def __init__(self, workers: list, owned: bool):
+        self.handles = dict(enumerate(workers))
+        self.owned = owned
+
+    @classmethod
+    def start(cls, count: int, options: PipelineOptions, use_gpus: bool) -> "PrivatePool":
+        return cls(start_workers(count, options, use_gpus), owned=True)
+
+    def usable(self) -> list:
+        return list(self.handles)
+
+    def want(self, count: int) -> None: ...
+
+    def waitables(self) -> list:
+        return []
+
+    def on_ready(self, ref) -> None: ...
+
+    def sync(self, load: dict, progress: dict) -> None: ...
+
+    def offer(self, chunk) -> None: ...
+
+    def source(self):
+        return None
+
+    def pin(self, name, pinned: bool) -> None: ...
+
+    def lost(self, name) -> None: ...
+
+    def close(self) -> None:
+        for worker in self.handles.values() if self.owned else []:
+            ray.kill(worker)
+
+
+class SharedPool:
+    """This driver's leases on the shared pool's workers."""
+
+    tick = 1.0  # seconds between lease checks while waiting for results
+
+    def __init__(self, key: str, priority: int, options: PipelineOptions):
+        self.key, self.priority = key, priority
+        self.keeper = pool_keeper(options)
+        self.handles: dict[str, object] = {}
+        self.deadline: dict[str, float] = {}
+        self.pinned: set[str] = set()
+        self.request = None
+        self.renewal = None
+        self.renewing: list[str] = []
+        self.offered: set[str] = set()
+        self._source = None
+        self.reported = 0.0
+        self.standing: dict = {}
+        self.standing_ref = None
+        self.printed = time.monotonic()
+
+    def usable(self) -> list[str]:
+        now = time.monotonic()
+        return [name for name in self.handles if name in self.pinned or self.deadline[name] > now]
+
+    def want(self, count: int) -> None:
+        if count > 0 and self.request is None:
+            self.request = self.keeper.acquire.remote(self.key, self.priority, count)
+
+    def waitables(self) -> list:
+        return [ref for ref in (self.request, self.renewal) if ref is not None]
+
+    def on_ready(self, ref) -> None:
+        now = time.monotonic()
+        if ref is self.request:
+            self.request = None
+            for name, handle in ray.get(ref):
+                self.handles[name] = handle
+                self.deadline[name] = now + LEASE_S
+        elif ref is self.renewal:
+            self.renewal = None
+            for name in ray.get(ref):
+                self.deadline[name] = now + LEASE_S
+
+    def sync(self, load: dict, progress: dict) -> None:
+        """Renew leases about to run out, give back drained expired ones, report progress."""
+        now = time.monotonic()
+        soon = [n for n in self.handles if n not in self.pinned and self.deadline[n] - now < LEASE_S / 2]
+        if soon and self.renewal is None:
+            self.renewal = self.keeper.renew.remote(self.key, soon)
+        done = [n for n in self.handles if n not in self.pinned and self.deadline[n] <= now and not load.get(n)]
+        if done:
+            self.keeper.release.remote(self.key, done)
+            for name in done:
+                del self.handles[name], self.deadline[name]
+        if self.standing_ref is not None and ray.wait([self.standing_ref], timeout=0)[0]:
+            self.standing = ray.get(self.standing_ref)
+            self.standing_ref = None
+        progress.update(self.standing)
+        if now - self.reported > 2.0 and self.standing_ref is None:
+            self.standing_ref = self.keeper.report.remote(self.key, progress)
+            self.reported = now
+        if now - self.printed > PRINT_S:
+            print_progress(progress)
+            self.printed = now
+
+    def source(self):
+        return self._source
+
+    def offer(self, chunk) -> None:
+        """Let workers on other nodes fetch this chunk's LoRAs from this node."""
+        files = {lora.sha256: lora.path for task in chunk for lora in task.loras if lora.sha256 not in self.offered}
+        if files or self._source is None:
+            self._source = artifact_source(files)
+            self.offered.update(files)
+
+    def pin(self, name: str, pinned: bool) -> None:
+        (self.pinned.add if pinned else self.pinned.discard)(name)
+        self.deadline[name] = time.monotonic() + LEASE_S
+        self.keeper.pin.remote(self.key, name, pinned)
+
+    def lost(self, name: str) -> None:
+        self.handles.pop(name, None)
+        self.deadline.pop(name, None)
+        self.pinned.discard(name)
+        self.keeper.lost.remote(name)
+
+    def check_models(self, paths: list[str]) -> None:
+        """Fail before rendering when no node has a base model (they are never shipped per task)."""
+        lacking = ray.get(self.keeper.missing.remote(sorted(set(paths))))
+        if not lacking:
+            raise FarmError("the cluster has no GPU nodes (start nodes with `ray start --num-gpus N`)")
+        for path in sorted(set(paths)):
+            without = [node[:8] for node, missing in lacking.items() if path in missing]
+            if len(without) == len(lacking):
+                raise FarmError(f"{path}: model is on none of the cluster's nodes ({', '.join(without)}); "
+                                "put it at that path on the nodes that should render it")
+            if without:
+                print(f"farm: warning: nodes {', '.join(without)} lack {path}; its tasks fail there",
+                      file=sys.stderr)
+
+    def close(self) -> None:
+        ray.get(self.keeper.finish.remote(self.key))

@@ -1,0 +1,128 @@
+"""A real multi-node Ray cluster on this box: `ray start --head` plus `ray start --address` nodes,
+each with its own ports, logical GPUs and node cache, all under one RAY_TMPDIR, with token auth on
+and the dashboard (Jobs API) on 127.0.0.1. Every process it starts is stopped by `stop()`."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_ports(count: int) -> list[int]:
+    sockets, ports = [], []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+        ports.append(s.getsockname()[1])
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class LocalCluster:
+    def __init__(self, root: Path, farm_cache: Path):
+        self.root = root
+        self.tmp = root / "ray"  # RAY_TMPDIR: short, sockets live under it
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.gcs_port, self.dashboard_port, self.metrics_port = free_ports(3)
+        self.token = secrets.token_hex(16)
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "RAY_TMPDIR": str(self.tmp),
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+            "SDFARM_CACHE": str(farm_cache),
+            "SDFARM_RUNS": str(root / "runs"),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{self.dashboard_port}",
+        }
+        self.env.pop("RAY_ADDRESS", None)
+        self.nodes: list[dict] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _ray_start(self, args: list[str], env: dict) -> None:
+        done = subprocess.run([str(BIN / "ray"), "start", *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode:
+            raise RuntimeError(f"ray start failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+    def start_head(self, gpus: int = 1, cpus: int = 2) -> None:
+        self._ray_start(["--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
+                         "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                         f"--metrics-export-port={self.metrics_port}", f"--num-gpus={gpus}",
+                         f"--num-cpus={cpus}", "--disable-usage-stats"], self.env)
+        self.nodes.append({"name": "head"})
+
+    def add_node(self, gpus: int = 1, cpus: int = 1, name: str | None = None) -> dict:
+        """Another raylet joining the head; its own ports, its own node cache (no shared disk)."""
+        name = name or f"node{len(self.nodes)}"
+        ports = free_ports(7)
+        cache = self.root / f"{name}-cache"
+        env = {**self.env, "SDFARM_NODE_CACHE": str(cache)}
+        low = 20000 + 1000 * len(self.nodes)
+        self._ray_start([f"--address={self.address}", "--node-ip-address=127.0.0.1",
+                         f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
+                         f"--runtime-env-agent-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
+                         f"--dashboard-agent-listen-port={ports[4]}", f"--metrics-export-port={ports[5]}",
+                         f"--min-worker-port={low}", f"--max-worker-port={low + 999}",
+                         f"--num-gpus={gpus}", f"--num-cpus={cpus}", f"--resources={{\"{name}\": 1}}"], env)
+        node = {"name": name, "cache": cache, "node_manager_port": ports[0]}
+        self.nodes.append(node)
+        return node
+
+    def farm(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "farm.cli", *args], env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def wait_for(self, predicate, timeout: float = 120, every: float = 0.5, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(every)
+        raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+    def processes(self) -> list[int]:
+        """Every process of this cluster: they all carry its RAY_TMPDIR in their environment
+        (`ray stop` would stop every Ray on the box, the tests' own among them)."""
+        mark = f"RAY_TMPDIR={self.tmp}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if mark in (entry / "environ").read_bytes().split(b"\0"):
+                        found.append(int(entry.name))
+                except OSError:
+                    pass
+        return found
+
+    def stop(self) -> None:
+        for sig, wait in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 5.0)):
+            for pid in self.processes():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait
+            while self.processes() and time.monotonic() < deadline:
+                time.sleep(0.2)
