@@ -78,12 +78,25 @@ def submit(address: str | None, spec: str, job_name: str, *, overrides: list[str
         command += ["--out", out]
     command += pipeline_args
     try:
-        jobs.submit_job(entrypoint=shlex.join(command), submission_id=submission_id,
-                        runtime_env={"working_dir": stage}, entrypoint_num_cpus=0,
-                        metadata={"sdfarm": "1", "job": job_name, "priority": str(priority), "spec": spec})
+        _submit(jobs, entrypoint=shlex.join(command), submission_id=submission_id,
+                runtime_env={"working_dir": stage}, entrypoint_num_cpus=0,
+                metadata={"sdfarm": "1", "job": job_name, "priority": str(priority), "spec": spec})
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return submission_id
+
+
+def _submit(jobs, retry_s: float = 60, **request) -> None:
+    """Submit, waiting out a head whose job agent is still starting (right after `ray up`)."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            jobs.submit_job(**request)
+            return
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise FarmError(f"submitting {request['submission_id']}: {_first_line(exc)}") from None
+            time.sleep(1)
 
 
 def farm_jobs(address: str | None) -> list:
@@ -138,8 +151,8 @@ def control(address: str | None, action: str, key: str = "", timeout_s: float = 
     """Run `farm control ACTION KEY` on the head (it reaches the pool's keeper) and return its answer."""
     jobs = client(address)
     submission_id = f"sdfarm-control-{action}-{secrets.token_hex(3)}"
-    jobs.submit_job(entrypoint=shlex.join(["python", "-m", "farm.cli", "control", action, key]),
-                    submission_id=submission_id, entrypoint_num_cpus=0, metadata={"sdfarm-control": action})
+    _submit(jobs, entrypoint=shlex.join(["python", "-m", "farm.cli", "control", action, key]),
+            submission_id=submission_id, entrypoint_num_cpus=0, metadata={"sdfarm-control": action})
     deadline = time.monotonic() + timeout_s
     while (status := str(jobs.get_job_status(submission_id))) not in ("SUCCEEDED", "FAILED", "STOPPED"):
         if time.monotonic() > deadline:
@@ -166,8 +179,8 @@ def resume(address: str | None, submission_id: str) -> str:
     taken = {j.submission_id for j in client(address).list_jobs()}
     new_id = next(f"{base}-r{n}" for n in range(1, 10_000) if f"{base}-r{n}" not in taken)
     entrypoint = job.entrypoint.replace(f"--job-key {submission_id}", f"--job-key {new_id}")
-    client(address).submit_job(entrypoint=entrypoint, submission_id=new_id, runtime_env=job.runtime_env,
-                               entrypoint_num_cpus=0, metadata=job.metadata)
+    _submit(client(address), entrypoint=entrypoint, submission_id=new_id, runtime_env=job.runtime_env,
+            entrypoint_num_cpus=0, metadata=job.metadata)
     return new_id
 
 

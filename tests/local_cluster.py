@@ -65,27 +65,31 @@ class LocalCluster:
         if done.returncode:
             raise RuntimeError(f"ray start failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
 
+    def _own_ports(self, metrics_port: int | None = None) -> list[str]:
+        """Every port a raylet opens, chosen free: Ray's defaults (52365, ...) would clash with
+        another Ray on this box, the tests' in-process one among them."""
+        ports = free_ports(7)
+        low = 20000 + 1000 * len(self.nodes)
+        return [f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
+                f"--runtime-env-agent-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
+                f"--dashboard-agent-listen-port={ports[4]}", f"--metrics-export-port={metrics_port or ports[5]}",
+                f"--min-worker-port={low}", f"--max-worker-port={low + 999}"]
+
     def start_head(self, gpus: int = 1, cpus: int = 2) -> None:
         self._ray_start(["--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
                          "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                         f"--metrics-export-port={self.metrics_port}", f"--num-gpus={gpus}",
-                         f"--num-cpus={cpus}", "--disable-usage-stats"], self.env)
+                         f"--ray-client-server-port={free_ports(1)[0]}", *self._own_ports(self.metrics_port),
+                         f"--num-gpus={gpus}", f"--num-cpus={cpus}", "--disable-usage-stats"], self.env)
         self.nodes.append({"name": "head"})
 
     def add_node(self, gpus: int = 1, cpus: int = 1, name: str | None = None) -> dict:
         """Another raylet joining the head; its own ports, its own node cache (no shared disk)."""
         name = name or f"node{len(self.nodes)}"
-        ports = free_ports(7)
         cache = self.root / f"{name}-cache"
         env = {**self.env, "SDFARM_NODE_CACHE": str(cache)}
-        low = 20000 + 1000 * len(self.nodes)
-        self._ray_start([f"--address={self.address}", "--node-ip-address=127.0.0.1",
-                         f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
-                         f"--runtime-env-agent-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
-                         f"--dashboard-agent-listen-port={ports[4]}", f"--metrics-export-port={ports[5]}",
-                         f"--min-worker-port={low}", f"--max-worker-port={low + 999}",
+        self._ray_start([f"--address={self.address}", "--node-ip-address=127.0.0.1", *self._own_ports(),
                          f"--num-gpus={gpus}", f"--num-cpus={cpus}", f"--resources={{\"{name}\": 1}}"], env)
-        node = {"name": name, "cache": cache, "node_manager_port": ports[0]}
+        node = {"name": name, "cache": cache}
         self.nodes.append(node)
         return node
 

@@ -1,0 +1,189 @@
+"""The farm as a cluster service, on a real 2-node Ray cluster on this box (head + a second
+raylet, one logical GPU each, token auth on, dashboard on 127.0.0.1): jobs go in through the Ray
+Jobs API with `farm submit`, share one warm pool, and their images land on the head."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from farm.manifest import RunFolder
+
+from local_cluster import LocalCluster
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def service(farm_cache, tiny_model):
+    root = Path(tempfile.mkdtemp(prefix="sdfarm-svc-"))  # short: Ray's socket paths must fit 107 bytes
+    cluster = LocalCluster(root, farm_cache)
+    try:
+        cluster.start_head(gpus=1, cpus=2)
+        cluster.add_node(gpus=1, cpus=1)
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    assert not cluster.processes(), "a process of the test cluster outlived it"
+
+
+def write_job(folder, name: str, loras: list, seeds: int, first_seed: int = 1, steps: int = 2):
+    spec = {"job": name, "model": "tiny:sdxl",
+            "defaults": {"prompt": "photo of a w0ut3r man", "steps": steps, "width": 64, "height": 64, "cfg": 5},
+            "axes": {"lora": [{"file": str(path)} for path in loras],
+                     "seed": list(range(first_seed, first_seed + seeds))}}
+    path = folder / f"{name}.yaml"
+    path.write_text(json.dumps(spec))  # JSON is YAML
+    return path
+
+
+def submit(service, spec, *extra) -> str:
+    done = service.farm("submit", str(spec), *extra)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def status(service, job_id) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(service.dashboard, headers=auth(service)).get_job_status(job_id))
+
+
+def auth(service) -> dict:
+    return {"Authorization": f"Bearer {service.token}"}
+
+
+def wait_done(service, job_id, timeout=240) -> str:
+    return service.wait_for(lambda: (s := status(service, job_id)) in ("SUCCEEDED", "FAILED", "STOPPED") and s,
+                            timeout=timeout, what=f"{job_id} to end")
+
+
+def pool(service) -> dict:
+    done = service.farm("pool", "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def images(service, name) -> list:
+    folder = service.root / "runs" / name / "images"
+    return sorted(folder.rglob("*.png")) if folder.exists() else []
+
+
+def rows(service, name) -> list[dict]:
+    return RunFolder(service.root / "runs" / name).read().to_pylist()
+
+
+def test_jobs_share_one_warm_pool_across_nodes_and_land_on_the_head(service, lora_dir, tmp_path):
+    loras = sorted(lora_dir.glob("*.safetensors"))[:2]
+    first = submit(service, write_job(tmp_path, "warm-a", loras, 12))
+    assert wait_done(service, first) == "SUCCEEDED", service.farm("logs", first).stdout[-3000:]
+    after_first = pool(service)["workers"]
+    assert len(after_first) == 2
+    assert len({w["node_id"] for w in after_first.values()}) == 2, "one worker per GPU, on both nodes"
+    assert all(w["rendered"] > 0 for w in after_first.values()), "both nodes rendered"
+
+    # every image is on the head, in the job's run folder, with the bytes its row names
+    table = rows(service, "warm-a")
+    assert len(table) == 24 and {r["status"] for r in table} == {"ok"}
+    for row in table:
+        data = (service.root / "runs" / "warm-a" / row["image_path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row["image_sha256"]
+
+    # the LoRAs exist only on the head: the other node's worker fetched them by hash
+    node = service.nodes[1]
+    copies = sorted(node["cache"].glob("*.safetensors"))
+    wanted = {hashlib.sha256(p.read_bytes()).hexdigest() for p in loras}
+    assert copies, "the second node rendered a LoRA without a copy of its own"
+    for copy in copies:  # named by the sha256 of the bytes they hold, which are the head's
+        assert copy.name.split(".")[0] == hashlib.sha256(copy.read_bytes()).hexdigest()
+        assert copy.name.split(".")[0] in wanted
+    assert sum(w["fetched"] for w in after_first.values()) == len(copies)
+
+    second = submit(service, write_job(tmp_path, "warm-b", loras, 6, first_seed=100))
+    assert wait_done(service, second) == "SUCCEEDED"
+    after_second = pool(service)["workers"]
+    for name, worker in after_second.items():
+        assert worker["pipeline_loads"] == 1, f"{name} loaded its pipeline again"
+        assert worker["fetched"] == after_first[name]["fetched"], "cached copies are reused"
+    assert sum(w["rendered"] for w in after_second.values()) == 24 + 12
+
+    listing = service.farm("jobs")
+    assert listing.returncode == 0
+    line = next(l for l in listing.stdout.splitlines() if l.startswith(second))
+    assert "SUCCEEDED" in line and "12/12 done" in line
+
+
+def test_higher_priority_job_takes_the_pool_first(service, lora_dir, tmp_path):
+    loras = sorted(lora_dir.glob("*.safetensors"))[:2]
+    low = submit(service, write_job(tmp_path, "prio-low", loras, 100), "--priority", "0")
+    service.wait_for(lambda: len(images(service, "prio-low")) >= 8, what="the low job to render")
+    high = submit(service, write_job(tmp_path, "prio-high", loras, 24, first_seed=500), "--priority", "5")
+    assert wait_done(service, high) == "SUCCEEDED"
+    assert wait_done(service, low) == "SUCCEEDED"
+    high_rows = rows(service, "prio-high")
+    begin = min(r["started_at"] for r in high_rows)
+    end = max(r["started_at"] for r in high_rows)
+    low_during = [r for r in rows(service, "prio-low") if begin < r["started_at"] < end]
+    # FIFO sharing would interleave about half; with priority only chunks already queued
+    # when the high job arrived (and the high job's last chunks' tail) overlap
+    assert len(low_during) <= 12, f"{len(low_during)} low-priority renders ran during the high job"
+    assert len(high_rows) == 48
+
+
+def test_pause_resume_cancel_and_resubmit(service, lora_dir, tmp_path):
+    loras = sorted(lora_dir.glob("*.safetensors"))[:2]
+    job = submit(service, write_job(tmp_path, "ctl", loras, 200, steps=8))
+    service.wait_for(lambda: len(images(service, "ctl")) >= 4, what="the job to render")
+    paused = service.farm("pause", job)
+    assert paused.returncode == 0, paused.stderr
+    time.sleep(9)  # the lease runs out and the queued chunks finish
+    held = len(images(service, "ctl"))
+    time.sleep(6)
+    assert len(images(service, "ctl")) == held, "a paused job went on rendering"
+    assert status(service, job) == "RUNNING"
+    jobs = service.farm("jobs").stdout
+    assert "(paused)" in next(l for l in jobs.splitlines() if l.startswith(job))
+
+    assert service.farm("resume", job).returncode == 0
+    service.wait_for(lambda: len(images(service, "ctl")) > held + 4, what="the resumed job to render")
+    cancelled = service.farm("cancel", job)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert wait_done(service, job, timeout=60) == "STOPPED"
+
+    before = {r["task_id"]: r["image_sha256"] for r in rows(service, "ctl")}
+    assert 0 < len(before) < 400
+    run = service.root / "runs" / "ctl"
+    assert not [p for p in run.rglob("*") if p.name.startswith(".")], "temp files left behind"
+    for task_id, sha in before.items():  # every row that was committed has its image
+        assert any(hashlib.sha256(p.read_bytes()).hexdigest() == sha for p in run.rglob(f"{task_id}*.png"))
+
+    resumed = service.farm("resume", job)
+    assert resumed.returncode == 0, resumed.stderr
+    again = resumed.stdout.strip().splitlines()[-1]
+    assert again != job
+    assert wait_done(service, again) == "SUCCEEDED"
+    after = rows(service, "ctl")
+    assert len(after) == 400 and len({r["task_id"] for r in after}) == 400
+    assert {r["task_id"]: r["image_sha256"] for r in after if r["task_id"] in before} == before
+    logs = service.farm("logs", again).stdout
+    assert f"{len(before)} already done of 400" in logs and f"{400 - len(before)} rendered" in logs
+
+
+def test_metrics_reach_the_dashboards_metrics_endpoint(service):
+    def scrape():
+        with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        return text if "sdfarm_images_rendered" in text and "sdfarm_queue_depth" in text else ""
+
+    text = service.wait_for(scrape, timeout=60, every=2, what="farm metrics on the head's metrics port")
+    rendered = [l for l in text.splitlines() if l.startswith("ray_sdfarm_images_rendered")]
+    assert any('job="warm-a"' in l and 'status="ok"' in l and not l.rstrip().endswith(" 0.0") for l in rendered)
+    assert any(l.startswith("ray_sdfarm_image_seconds_bucket") for l in text.splitlines())
