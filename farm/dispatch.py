@@ -216,7 +216,7 @@ def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None) -> 
         if key in busy_training:
             return
         worker = pool.handles[key]
-        if trains and not load.get(key):
+        if trains and not load.get(key) and pool.can_train(key):
             job = trains.popleft()
             pool.pin(key, True)
             generator = worker.train.options(num_returns="streaming", name=f"train {job.run}").remote(job)

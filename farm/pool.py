@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import ray
 
 from .actors import NAMESPACE, artifact_source, start_pool_worker, start_workers
+from .artifacts import shared_roots
 from .errors import FarmError
 from .jobqueue import print_progress
 from .pipeline import PipelineOptions
@@ -64,7 +65,7 @@ class PoolKeeper:
 
     # --- the driver's side ------------------------------------------------------------------
 
-    async def acquire(self, key: str, priority: int, want: int) -> list[tuple[str, object]]:
+    async def acquire(self, key: str, priority: int, want: int) -> list[tuple[str, object, str]]:
         """Wait until this job may have up to `want` more workers; [] when it was cancelled/ended."""
         job = self._job(key, priority)
         job.want = want
@@ -73,7 +74,7 @@ class PoolKeeper:
             self._assign()
             if job.granted or job.cancelled or self.jobs.get(key) is not job:
                 granted, job.granted, job.want = job.granted, [], 0
-                return [(name, self.workers[name]) for name in granted if name in self.workers]
+                return [(name, self.workers[name], self.node_of[name]) for name in granted if name in self.workers]
             job.event.clear()
             try:
                 await asyncio.wait_for(job.event.wait(), REFRESH_S)
@@ -263,6 +264,9 @@ class PrivatePool:
     def source(self):
         return None
 
+    def can_train(self, name) -> bool:
+        return True
+
     def pin(self, name, pinned: bool) -> None: ...
 
     def lost(self, name) -> None: ...
@@ -281,6 +285,8 @@ class SharedPool:
         self.key, self.priority = key, priority
         self.keeper = pool_keeper(options)
         self.handles: dict[str, object] = {}
+        self.node_of: dict[str, str] = {}
+        self.here = ray.get_runtime_context().get_node_id()
         self.deadline: dict[str, float] = {}
         self.pinned: set[str] = set()
         self.request = None
@@ -308,8 +314,9 @@ class SharedPool:
         now = time.monotonic()
         if ref is self.request:
             self.request = None
-            for name, handle in ray.get(ref):
+            for name, handle, node_id in ray.get(ref):
                 self.handles[name] = handle
+                self.node_of[name] = node_id
                 self.deadline[name] = now + LEASE_S
         elif ref is self.renewal:
             self.renewal = None
@@ -347,6 +354,11 @@ class SharedPool:
         if files or self._source is None:
             self._source = artifact_source(files)
             self.offered.update(files)
+
+    def can_train(self, name: str) -> bool:
+        """Training reads its dataset and writes checkpoints where the job was planned (the
+        head), unless the nodes share folders."""
+        return self.node_of.get(name) == self.here or bool(shared_roots())
 
     def pin(self, name: str, pinned: bool) -> None:
         (self.pinned.add if pinned else self.pinned.discard)(name)
