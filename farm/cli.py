@@ -94,6 +94,17 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def _keep_spec_folder(args) -> None:
+    """A submitted job starts in a working dir Ray may delete while the job runs: copy it into
+    the run folder (which also records what the job ran with) and work from there."""
+    import shutil
+
+    copy = Path(args.out) / "spec"
+    shutil.copytree(Path.cwd(), copy, dirs_exist_ok=True)
+    os.chdir(copy)
+    args.spec = str(copy / Path(args.spec).name)
+
+
 def _open_shared_pool(args, options):
     """The cluster's warm pool when this run joined a running cluster; None for a local Ray."""
     from .pool import SharedPool
@@ -110,6 +121,8 @@ def cmd_run(args) -> int:
     from .spec import TrainJob
 
     _stop_on_sigterm()
+    if args.job_key:
+        _keep_spec_folder(args)
     run = RunFolder(args.out)
     info = run.load_run_info()
     if info.get("job") and info["job"] != args.job.job:

@@ -23,7 +23,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnschedulableError, RayActorError, RayTaskError
 
 from .metrics import farm_metrics
 from .manifest import ManifestWriter, RunFolder
@@ -33,6 +33,9 @@ from .plan import Plan, Task
 from .render import RenderResult
 
 MAX_ATTEMPTS = 3
+MAX_LOSSES = 10
+# a worker that died, or can no longer exist (its node left): its work goes to another
+WORKER_GONE = (RayActorError, ActorUnschedulableError)
 
 
 @dataclass
@@ -56,15 +59,17 @@ def connect(address: str | None = None, gpus: int | None = None, dashboard: bool
     """
     if ray.is_initialized():
         return False
-    env = {"runtime_env": {"env_vars": _forwarded_env()}}
+    # Joining a cluster keeps its nodes' environment and, inside a submitted job, the job's
+    # runtime env (a runtime_env here would replace it, and Ray would delete the job's working dir).
     if address:
-        ray.init(address=address, namespace="sdfarm", **env)
+        ray.init(address=address, namespace="sdfarm")
         return False
     try:
-        ray.init(address="auto", namespace="sdfarm", **env)
+        ray.init(address="auto", namespace="sdfarm")
         return False
     except ConnectionError:
         pass
+    env = {"runtime_env": {"env_vars": _forwarded_env()}}
     if gpus is None:
         import torch
 
@@ -150,7 +155,7 @@ class _Feed:
         self.planned: set[str] = set()
         self.queue = AffinityQueue(OrderedDict())
         self.writer = ManifestWriter(run)
-        self.attempts: dict[str, int] = {}
+        self.lost_on: dict[str, list] = {}  # task id → workers it was lost on, in order
         self.summary = RunSummary(total=0, skipped=0)
         self.bar = _progress(0, quiet)
         self.started = time.perf_counter()
@@ -255,7 +260,7 @@ def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None) -> 
                 except StopIteration:
                     end_training(ref, key)
                     continue
-                except RayActorError as exc:  # the worker died mid-run: resume from its saved state
+                except WORKER_GONE as exc:  # the worker died mid-run: resume from its saved state
                     end_training(ref, key)
                     train_attempts[job.run] = train_attempts.get(job.run, 0) + 1
                     if train_attempts[job.run] < MAX_ATTEMPTS:
@@ -277,10 +282,10 @@ def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None) -> 
             load[key] -= 1
             try:
                 results = ray.get(ref)
-            except RayActorError as exc:
-                _requeue_lost(chunk, feed.queue, feed.attempts, feed.record, exc)
+            except WORKER_GONE as exc:
+                _requeue_lost(chunk, key, feed.queue, feed.lost_on, feed.record, exc)
                 results = []
-                if not load[key]:  # a restarting worker is found again by the shared pool's keeper
+                if key in pool.handles:  # stop sending it work; a restarted worker comes back through the pool
                     pool.lost(key)
             except RayTaskError as exc:  # the worker itself broke on this chunk: fail its tasks, go on
                 results = [RenderResult(task=t, status="failed", error=_first_line(exc.cause or exc)) for t in chunk]
@@ -361,13 +366,18 @@ def run_study(trains: list, replan, run: RunFolder, *, actors: int | None = None
     return feed.summary
 
 
-def _requeue_lost(chunk: list[Task], queue: AffinityQueue, attempts: dict, record, exc) -> None:
-    """A chunk whose actor died: retry its tasks (Ray restarts the actor), up to MAX_ATTEMPTS."""
+def _requeue_lost(chunk: list[Task], worker, queue: AffinityQueue, lost_on: dict, record, exc) -> None:
+    """A chunk whose worker died or left: its tasks go back in the queue for any live worker.
+
+    A task lost on MAX_ATTEMPTS different workers (or lost MAX_LOSSES times in all: a task that
+    kills every worker it touches) is failed with the last error instead."""
     retry = []
     for task in chunk:
-        attempts[task.task_id] = attempts.get(task.task_id, 0) + 1
-        if attempts[task.task_id] >= MAX_ATTEMPTS:
-            record(RenderResult(task=task, status="failed", error=f"worker died {MAX_ATTEMPTS} times: {_first_line(exc)}"))
+        losses = lost_on.setdefault(task.task_id, [])
+        losses.append(worker)
+        if len(set(losses)) >= MAX_ATTEMPTS or len(losses) >= MAX_LOSSES:
+            record(RenderResult(task=task, status="failed",
+                                error=f"lost with its worker {len(losses)} times: {_first_line(exc)}"))
         else:
             retry.append(task)
     if retry:

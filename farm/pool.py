@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .actors import NAMESPACE, artifact_source, start_pool_worker, start_workers
 from .artifacts import shared_roots
@@ -33,6 +34,7 @@ POOL_NAME = "sdfarm-pool"
 LEASE_S = 5.0
 STALE_S = 30.0
 REFRESH_S = 2.0
+REST_S = 10.0
 PRINT_S = 10.0
 
 
@@ -62,6 +64,7 @@ class PoolKeeper:
         self.jobs: dict[str, _Job] = {}
         self.seq = 0
         self.refreshed = 0.0
+        self.resting: dict[str, float] = {}  # name → when it may be looked up again
 
     # --- the driver's side ------------------------------------------------------------------
 
@@ -109,10 +112,12 @@ class PoolKeeper:
             self.held[name] = (key, None if pinned else time.monotonic() + LEASE_S)
 
     def lost(self, name: str) -> None:
-        """A driver saw this worker die for good: forget it (the next refresh starts a new one)."""
+        """A driver saw this worker die or become unreachable: lend it to nobody for `REST_S`,
+        then look it up again (restarted by Ray, or started anew if it is dead), unless its node
+        has left by then."""
         self.workers.pop(name, None)
         self.held.pop(name, None)
-        self.refreshed = 0.0
+        self.resting[name] = time.monotonic() + REST_S
 
     def report(self, key: str, progress: dict) -> dict:
         """Progress in, the job's standing out (a paused job's driver says so in its log)."""
@@ -202,7 +207,7 @@ class PoolKeeper:
             node_id = node["NodeID"]
             for index in range(int(node["Resources"].get("GPU", 0))):
                 name = f"sdfarm-worker-{node_id[:8]}-{index}"
-                if name not in self.workers:
+                if name not in self.workers and self.resting.get(name, 0) <= now:
                     self.workers[name] = start_pool_worker(name, node_id, index, self.options)
                     self.node_of[name] = node_id
         for key in [k for k, job in self.jobs.items() if now - job.seen > STALE_S]:
@@ -227,11 +232,17 @@ class PoolKeeper:
                 job.event.set()
 
 
+def head_node_id() -> str:
+    return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
+
+
 def pool_keeper(options: PipelineOptions = PipelineOptions()):
-    """The cluster's keeper, started on first use (its workers use the first caller's options)."""
+    """The cluster's keeper, started on first use on the head node (which lives as long as the
+    cluster); its workers use the first caller's options."""
     return ray.remote(PoolKeeper).options(
         name=POOL_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", num_cpus=0,
-        max_concurrency=1000).remote(options)
+        max_concurrency=1000, scheduling_strategy=NodeAffinitySchedulingStrategy(head_node_id(), soft=False),
+    ).remote(options)
 
 
 class PrivatePool:
@@ -386,4 +397,7 @@ class SharedPool:
                       file=sys.stderr)
 
     def close(self) -> None:
-        ray.get(self.keeper.finish.remote(self.key))
+        try:
+            ray.get(self.keeper.finish.remote(self.key), timeout=30)
+        except Exception as exc:  # the keeper takes the leases back when this job goes quiet anyway
+            print(f"farm: warning: could not return workers to the pool: {type(exc).__name__}", file=sys.stderr)

@@ -86,12 +86,17 @@ class LocalCluster:
         """Another raylet joining the head; its own ports, its own node cache (no shared disk)."""
         name = name or f"node{len(self.nodes)}"
         cache = self.root / f"{name}-cache"
-        env = {**self.env, "SDFARM_NODE_CACHE": str(cache)}
+        env = {**self.env, "SDFARM_NODE_CACHE": str(cache), "SDFARM_TEST_NODE": name}
         self._ray_start([f"--address={self.address}", "--node-ip-address=127.0.0.1", *self._own_ports(),
                          f"--num-gpus={gpus}", f"--num-cpus={cpus}", f"--resources={{\"{name}\": 1}}"], env)
         node = {"name": name, "cache": cache}
         self.nodes.append(node)
         return node
+
+    def remove_node(self, name: str) -> None:
+        """The node's machine is gone: kill -9 every process of it (raylet, workers, agents)."""
+        self._kill(f"SDFARM_TEST_NODE={name}".encode(), signal.SIGKILL)
+        self.nodes = [node for node in self.nodes if node["name"] != name]
 
     def farm(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "farm.cli", *args], env=self.env, capture_output=True,
@@ -106,10 +111,10 @@ class LocalCluster:
             time.sleep(every)
         raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
-    def processes(self) -> list[int]:
+    def processes(self, mark: bytes | None = None) -> list[int]:
         """Every process of this cluster: they all carry its RAY_TMPDIR in their environment
         (`ray stop` would stop every Ray on the box, the tests' own among them)."""
-        mark = f"RAY_TMPDIR={self.tmp}".encode()
+        mark = mark or f"RAY_TMPDIR={self.tmp}".encode()
         found = []
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit() and int(entry.name) != os.getpid():
@@ -120,13 +125,17 @@ class LocalCluster:
                     pass
         return found
 
+    def _kill(self, mark: bytes, sig, wait: float = 5.0) -> None:
+        for pid in self.processes(mark):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while self.processes(mark) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
     def stop(self) -> None:
-        for sig, wait in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 5.0)):
-            for pid in self.processes():
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + wait
-            while self.processes() and time.monotonic() < deadline:
-                time.sleep(0.2)
+        mark = f"RAY_TMPDIR={self.tmp}".encode()
+        self._kill(mark, signal.SIGTERM, 8.0)
+        self._kill(mark, signal.SIGKILL)

@@ -177,6 +177,45 @@ def test_pause_resume_cancel_and_resubmit(service, lora_dir, tmp_path):
     assert f"{len(before)} already done of 400" in logs and f"{400 - len(before)} rendered" in logs
 
 
+def test_the_pool_follows_nodes_leaving_and_joining_mid_job(service, lora_dir, tmp_path):
+    loras = sorted(lora_dir.glob("*.safetensors"))[:2]
+    service.add_node(gpus=1, cpus=1, name="extra")
+    job = submit(service, write_job(tmp_path, "churn", loras, 150, steps=8))
+    service.wait_for(lambda: len(images(service, "churn")) >= 30, what="the job to render")
+    service.remove_node("extra")  # the laptop's lid closes mid-job
+    service.add_node(gpus=1, cpus=1, name="late")
+    assert wait_done(service, job, timeout=300) == "SUCCEEDED", service.farm("logs", job).stdout[-3000:]
+
+    table = rows(service, "churn")
+    assert len(table) == 300 and len({r["task_id"] for r in table}) == 300
+    assert {r["status"] for r in table} == {"ok"}
+    run = service.root / "runs" / "churn"
+    for row in table:
+        assert hashlib.sha256((run / row["image_path"]).read_bytes()).hexdigest() == row["image_sha256"]
+    assert not [p for p in run.rglob("*") if p.name.startswith(".")], "temp files left behind"
+
+    workers = service.wait_for(lambda: w if len(w := pool(service)["workers"]) == 3 else None, timeout=60,
+                               what="the pool to forget the node that left")
+    assert len({w["node_id"] for w in workers.values()}) == 3  # head, node1, late; not extra
+    assert all("error" not in w for w in workers.values()), workers
+
+
+def test_a_training_job_trains_on_the_head_and_evaluates_on_both_nodes(service):
+    from farm.spec import load_spec
+
+    spec = Path(__file__).resolve().parent.parent / "jobs" / "demo-study.yaml"
+    study = load_spec(str(spec), [])
+    job = submit(service, spec)
+    assert wait_done(service, job, timeout=400) == "SUCCEEDED", service.farm("logs", job).stdout[-3000:]
+    run = RunFolder(service.root / "runs" / study.job)
+    checkpoints = run.read_checkpoints()
+    assert len(checkpoints) == 4 and all((run.root / c["path"]).is_file() for c in checkpoints)
+    table = run.read().to_pylist()
+    assert table and {r["status"] for r in table} == {"ok"}
+    trained = [w["trained"] for w in pool(service)["workers"].values()]
+    assert sorted(trained)[-1] == 2 and sum(trained) == 2, f"both runs train on the head's one GPU: {trained}"
+
+
 def test_metrics_reach_the_dashboards_metrics_endpoint(service):
     def scrape():
         with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10) as answer:
