@@ -77,3 +77,20 @@ def test_demo_job_end_to_end(farm_cache, tmp_path):
     assert Image.open(pages[0]).size[0] == 128 * 5  # row labels + 4 prompts at the 128 px minimum cell
     again = farm("run", "jobs/demo.yaml", "--out", out, "--gpus", "2", "--quiet")
     assert again.returncode == 0 and "0 rendered, 0 failed, 28 already done" in again.stdout
+
+
+@pytest.mark.parametrize("command", [["jobs"], ["status", "sdfarm-x-1"], ["pause", "sdfarm-x-1"], ["pool"],
+                                     ["submit", "jobs/demo.yaml"]])
+def test_queue_commands_without_a_cluster_say_so_in_one_line(command):
+    result = farm(*command, "--address", "http://127.0.0.1:9")  # port 9 (discard): nothing listens
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("farm: error: --address http://127.0.0.1:9: no Ray Jobs API there")
+    assert "Traceback" not in result.stderr
+
+
+def test_submit_checks_the_spec_before_reaching_for_the_cluster(tmp_path):
+    (tmp_path / "bad.yaml").write_text("job: x\nmodel: tiny:sdxl\ndefaults: {prompt: a, steps: 0}\n")
+    result = farm("submit", tmp_path / "bad.yaml", "--address", "http://127.0.0.1:9")
+    assert result.returncode == 2
+    assert "bad.yaml: defaults.steps" in result.stderr and "Jobs API" not in result.stderr
