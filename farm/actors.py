@@ -14,6 +14,7 @@ object store) into its node cache and checks them against the plan's sha256.
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +31,9 @@ from .plan import LoraUse, Task
 from .render import Renderer, RenderResult
 
 NAMESPACE = "sdfarm"
+# Ray restarts a killed worker (OOM killer, kill -9, a driver crash) this many times; the
+# dispatcher requeues what it had in flight, and fails a task only when it keeps killing workers
+RESTARTS = 20
 _GROUPS = {"info": 1}  # `holds`/`missing` run beside the one render/train call at a time
 
 
@@ -116,7 +120,7 @@ class GpuWorker:
         counters = dict(self.counters)
         counters["pipeline_loads"] += held.pop("pipeline_loads")
         counters["lora_loads"] += held.pop("lora_loads")
-        return {"name": self.name, "node": self.node, "node_id": self.node_id, **held, **counters}
+        return {"name": self.name, "node": self.node, "node_id": self.node_id, "pid": os.getpid(), **held, **counters}
 
 
 class ArtifactServer:
@@ -154,12 +158,12 @@ def start_workers(count: int, options: PipelineOptions, use_gpus: bool) -> list:
     """`count` workers of this run alone, each on its own (logical) GPU, or one CPU each if none."""
     remote = ray.remote(concurrency_groups=_GROUPS)(GpuWorker)
     resources = {"num_gpus": 1, "num_cpus": 0} if use_gpus else {"num_cpus": 1}
-    return [remote.options(max_restarts=3, **resources).remote(i, options) for i in range(count)]
+    return [remote.options(max_restarts=RESTARTS, **resources).remote(i, options) for i in range(count)]
 
 
 def start_pool_worker(name: str, node_id: str, index: int, options: PipelineOptions):
     """A long-lived worker of the shared pool, pinned to one GPU of `node_id`."""
     return ray.remote(concurrency_groups=_GROUPS)(GpuWorker).options(
-        name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", max_restarts=3,
+        name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", max_restarts=RESTARTS,
         num_gpus=1, num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
     ).remote(index, options)

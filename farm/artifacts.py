@@ -25,11 +25,30 @@ def _refuse_pickle(path: Path, error: type[Exception]) -> None:
                     "convert it to .safetensors")
 
 
+def allowed_roots(base: Path) -> list[Path]:
+    """Folders a job's paths may point into: its spec's folder, the farm's cache, and the folders
+    in $SDFARM_ROOTS (`:`-separated; unset: your home folder). A spec that arrives over the
+    network then cannot make a worker read /etc or another user's files, by path or symlink."""
+    extra = os.environ.get("SDFARM_ROOTS")
+    listed = [Path(p) for p in extra.split(os.pathsep) if p] if extra is not None else [Path.home()]
+    return [root.expanduser().resolve() for root in (base, cache_dir().parent, *listed)]
+
+
+def inside_roots(given: Path, base: Path, error: type[Exception] = ModelError) -> Path:
+    """`given` resolved (symlinks and `..` followed), refused unless it stays in allowed_roots."""
+    path = given.expanduser().resolve()
+    roots = allowed_roots(base)
+    if not any(path.is_relative_to(root) for root in roots):
+        raise error(f"{given}: resolves outside the folders jobs may read ({', '.join(map(str, roots))}); "
+                    "add its folder to SDFARM_ROOTS")
+    return path
+
+
 def resolve_model(reference: str, base: Path) -> Path:
     """A model reference (`tiny:sdxl`, a diffusers folder or a `.safetensors` file) → its path."""
     if is_tiny(reference):
         return resolve_tiny(reference)
-    path = (base / reference).expanduser().resolve()
+    path = inside_roots(base / reference, base, ModelError)
     _refuse_pickle(path, ModelError)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -46,10 +65,12 @@ def resolve_lora(reference: str, base: Path) -> Path:
     """A LoRA reference (`tiny:lora/NAME` or a `.safetensors` path) → its path."""
     if is_tiny(reference):
         return resolve_tiny(reference)
-    path = (base / reference).expanduser().resolve()
+    given = (base / reference).expanduser()
+    _refuse_pickle(given, LoraError)
+    if given.suffix.lower() != ".safetensors":  # A1111 tags name LoRAs without the extension
+        given = given.with_name(given.name + ".safetensors")
+    path = inside_roots(given, base, LoraError)
     _refuse_pickle(path, LoraError)
-    if path.suffix.lower() != ".safetensors":  # A1111 tags name LoRAs without the extension
-        path = path.with_name(path.name + ".safetensors")
     if not path.is_file():
         raise LoraError(f"{path}: LoRA file not found")
     return path

@@ -328,7 +328,9 @@ def data_path(reference: str, base: Path) -> Path:
 
     if reference.startswith(TINY_SUBJECT):
         return resolve_tiny(TINY_SUBJECT) / reference[len(TINY_SUBJECT):].lstrip("/")
-    return (base / reference).resolve()
+    from .artifacts import inside_roots
+
+    return inside_roots(base / reference, base, SpecError)
 
 
 def dataset_for(options, base: Path) -> Dataset:

@@ -36,9 +36,20 @@ def read_lora(lora: LoraUse, path: Path | None = None) -> dict:
     if hashlib.sha256(data).hexdigest() != lora.sha256:
         raise LoraError(f"{path}: file changed since the job was planned (sha256 differs); plan again")
     try:
-        return load_safetensors(data)
+        tensors = load_safetensors(data)
     except Exception as exc:  # safetensors raises its own error types for each kind of damage
-        raise LoraError(f"{path}: not a readable .safetensors file: {exc}") from None
+        raise LoraError(f"{path}: not a readable .safetensors file: {_one_line(exc)}") from None
+    if not tensors:
+        raise LoraError(f"{path}: holds no tensors (not a LoRA)")
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise LoraError(f"{path}: tensor {key[:80]} is {str(tensor.dtype).removeprefix('torch.')}; "
+                            "LoRA weights are floating point (not a LoRA?)")
+    return tensors
+
+
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 class AdapterCache:
@@ -83,8 +94,8 @@ class AdapterCache:
             self.pipe.load_lora_weights(state, adapter_name=name)
         except Exception as exc:  # diffusers/peft: wrong base model, bad keys or shapes
             self._forget_partial(name)
-            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise LoraError(f"{lora.path}: cannot apply to this model: {first_line[:300]}") from None
+            raise LoraError(f"{lora.path}: cannot apply to this model (a LoRA for another base model, "
+                            f"or damaged): {_one_line(exc)}") from None
         self.loaded[name] = lora
         self.loads += 1
 

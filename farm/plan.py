@@ -154,7 +154,12 @@ class Expander:
         if self._styles is None:
             import csv
 
-            path = self.spec_dir / self.job.styles
+            from .artifacts import inside_roots
+
+            try:
+                path = inside_roots(self.spec_dir / self.job.styles, self.spec_dir)
+            except FarmError as exc:
+                raise self.fail("styles", str(exc)) from None
             try:
                 with open(path, newline="", encoding="utf-8") as handle:
                     rows = list(csv.DictReader(handle))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# the tests' specs, LoRAs and datasets live in temp folders: let jobs read there (and the repo)
+os.environ.setdefault("SDFARM_ROOTS", os.pathsep.join([tempfile.gettempdir(), str(Path(__file__).resolve().parent.parent)]))
 
 
 @pytest.fixture(scope="session")

@@ -94,3 +94,60 @@ def test_submit_checks_the_spec_before_reaching_for_the_cluster(tmp_path):
     result = farm("submit", tmp_path / "bad.yaml", "--address", "http://127.0.0.1:9")
     assert result.returncode == 2
     assert "bad.yaml: defaults.steps" in result.stderr and "Jobs API" not in result.stderr
+
+
+@pytest.mark.slow
+def test_driver_killed_9_mid_run_then_resumed_renders_only_what_is_missing(farm_cache, tmp_path):
+    """kill -9 of `farm run` at about half way; the rerun renders only tasks without an `ok`
+    row, and every PNG written before the kill keeps its bytes."""
+    import hashlib
+    import json
+    import signal
+    import tempfile
+    import time
+
+    spec = tmp_path / "long.yaml"
+    spec.write_text(json.dumps({"job": "long", "model": "tiny:sdxl",
+                                "defaults": {"prompt": "photo of a w0ut3r man", "steps": 8, "width": 64, "height": 64},
+                                "axes": {"seed": list(range(160))}}))
+    out = tmp_path / "out"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="sdfarm-kill-"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmp)}
+    command = [sys.executable, "-m", "farm.cli", "run", str(spec), "--out", str(out), "--gpus", "2", "--quiet",
+               "--no-dashboard", "--chunk", "2"]
+    try:
+        driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while len(list(out.rglob("*.png"))) < 80 and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+        assert driver.poll() is None, "the run ended before half way: make it longer"
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        _kill_by_env(f"RAY_TMPDIR={ray_tmp}")  # the local Ray it started dies with it, as a crash would leave it
+        committed = {r["task_id"]: r["image_sha256"] for r in pq.read_table(out / "manifest").to_pylist()}
+        before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*.png")}
+        assert 0 < len(committed) <= len(before) < 160
+        again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert f"{160 - len(committed)} rendered, 0 failed, {len(committed)} already done of 160" in again.stdout
+    finally:
+        _kill_by_env(f"RAY_TMPDIR={ray_tmp}")
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    rows = pq.read_table(out / "manifest").to_pylist()
+    assert len(rows) == 160 and len({r["task_id"] for r in rows}) == 160  # no duplicates, even in raw parts
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*.png")}
+    assert all(after[name] == sha for name, sha in before.items()), "a PNG written before the kill changed"
+    assert all(r["image_sha256"] == committed[r["task_id"]] for r in rows if r["task_id"] in committed)
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")], "temp files left behind"
+
+
+def _kill_by_env(mark: str) -> None:
+    import signal
+
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if mark.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except OSError:
+                pass

@@ -1,6 +1,7 @@
 """The queue on a real local Ray with two logical GPUs and the tiny model."""
 
 import hashlib
+import time
 from collections import deque
 
 import pytest
@@ -12,9 +13,9 @@ from farm.plan import Plan, plan_job
 from farm.spec import parse_spec
 
 
-def demo_plan(lora_dir, **axes):
+def demo_plan(lora_dir, steps=2, **axes):
     data = {"job": "d", "model": "tiny:sdxl",
-            "defaults": {"prompt": "photo of a w0ut3r man", "seed": 7, "steps": 2, "width": 64, "height": 64},
+            "defaults": {"prompt": "photo of a w0ut3r man", "seed": 7, "steps": steps, "width": 64, "height": 64},
             "axes": axes or {"lora": ["none", "subject-000001", "subject-000002"], "prompt": ["a", "b", "c"]}}
     return plan_job(parse_spec(data), lora_dir)
 
@@ -116,3 +117,57 @@ def test_put_back_goes_first():
     chunk = queue.take(0)
     queue.put_back(chunk)
     assert queue.take(0) is chunk  # the owner gets a requeued chunk before anything else
+
+
+@pytest.mark.slow
+def test_exactly_once_while_workers_are_killed_9_ten_times(ray_cluster, lora_dir, tmp_path):
+    """200 renders on 2 workers, one of them kill -9'd ten times at random moments: Ray restarts
+    it, its in-flight chunks are requeued, and the manifest ends with exactly one ok row each."""
+    import os
+    import random
+    import signal
+    import threading
+
+    import pyarrow.parquet as pq
+    import ray
+    from PIL import Image
+
+    from farm.actors import start_workers
+
+    plan = demo_plan(lora_dir, steps=8, lora=["none", "subject-000001"], seed=list(range(100)))
+    assert len(plan.tasks) == 200
+    run = RunFolder(tmp_path)
+    workers = start_workers(2, PipelineOptions(), use_gpus=True)
+    kills, stop = [], threading.Event()
+
+    def killer():
+        chance = random.Random(5)
+        ray.get([w.holds.remote() for w in workers])  # both up
+        while len(kills) < 10 and not stop.is_set():
+            time.sleep(chance.uniform(0.3, 1.2))
+            try:
+                pid = ray.get(chance.choice(workers).holds.remote(), timeout=30)["pid"]
+            except Exception:
+                continue  # restarting: pick again
+            os.kill(pid, signal.SIGKILL)
+            kills.append(pid)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        summary = run_plan(plan, run, chunk_size=2, quiet=True, pool=workers)
+    finally:
+        stop.set()
+        thread.join()
+        for worker in workers:
+            ray.kill(worker)
+    assert len(kills) == 10, f"the job ended after {len(kills)} kills: make it longer"
+    assert (summary.ok, summary.failed) == (200, 0), summary.errors
+    raw = pq.read_table(run.manifest_dir).to_pylist()  # every part, before any de-duplication
+    assert len(raw) == 200 and len({r["task_id"] for r in raw}) == 200
+    assert sorted(r["task_id"] for r in raw) == sorted(t.task_id for t in plan.tasks)
+    for row in raw:
+        data = (tmp_path / row["image_path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row["image_sha256"]
+        Image.open(tmp_path / row["image_path"]).verify()
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")], "temp files left behind"
