@@ -405,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "spec"):
             _load_job(args)
         return args.func(args)
-    except FarmError as exc:
-        print(f"farm: error: {exc}", file=sys.stderr)
+    except FarmError as exc:  # one line, even when it quotes a spec's text
+        print(f"farm: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("farm: interrupted; finished images and manifest rows are kept, run again to resume",

@@ -42,7 +42,7 @@ def read_lora(lora: LoraUse, path: Path | None = None) -> dict:
     if not tensors:
         raise LoraError(f"{path}: holds no tensors (not a LoRA)")
     for key, tensor in tensors.items():
-        if not tensor.is_floating_point():
+        if not tensor.is_floating_point() and not key.endswith(".alpha"):  # kohya's alpha may be an int
             raise LoraError(f"{path}: tensor {key[:80]} is {str(tensor.dtype).removeprefix('torch.')}; "
                             "LoRA weights are floating point (not a LoRA?)")
     return tensors

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .artifacts import HashCache, resolve_lora, resolve_model
 from .errors import FarmError, SpecError
-from .spec import RenderJob
+from .spec import RenderJob, farm_limit
 
 # Bump when the renderer changes in a way that changes pixels for the same settings.
 RENDER_VERSION = 1
@@ -347,6 +347,7 @@ def _plan(job, spec_dir, source, recorded_seeds, hashes, checkpoints) -> Plan:
     labels: dict[str, dict[str, dict[str, None]]] = {}
     seeds: dict[str, int] = {}
     cells = 0
+    max_cells = farm_limit("TASKS", 2_000_000)
     for sweep, table in job.sweep_jobs():
         table = with_checkpoints(table, checkpoints or {})
         prefix = f"sweeps.{sweep}." if sweep else ""
@@ -361,6 +362,9 @@ def _plan(job, spec_dir, source, recorded_seeds, hashes, checkpoints) -> Plan:
                 labels.setdefault(sweep or "", {}).setdefault(axis, {})[label] = None
             task = expander.task(settings, cell, cells)
             cells += 1
+            if cells > max_cells:
+                raise SpecError(f"{source}: the job expands to more than {max_cells:,} grid cells; split it, "
+                                "or raise this farm's SDFARM_MAX_TASKS")
             if task.task_id in by_id:
                 first = by_id[task.task_id]
                 by_id[task.task_id] = replace(first, cells=first.cells + task.cells)

@@ -7,6 +7,7 @@ advancing together) is the set of images. Every error names the file and the fie
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -19,6 +20,9 @@ from .errors import SamplerError, SpecError
 from .samplers import resolve_sampler
 
 MAX_SEED = 2**64 - 1
+MAX_SPEC_BYTES = 4 << 20
+MAX_SPEC_NODES = 200_000
+MAX_SPEC_DEPTH = 40
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -26,6 +30,23 @@ def _between(lo: float, hi: float):
     def check(value):
         if not lo <= value <= hi:
             raise ValueError(f"must be between {lo} and {hi}")
+        return value
+
+    return AfterValidator(check)
+
+
+def farm_limit(name: str, default: int) -> int:
+    """A limit the farm's owner sets (environment of the head), never the spec's author:
+    SDFARM_MAX_SIDE, SDFARM_MAX_STEPS, SDFARM_MAX_TASKS, ..."""
+    value = os.environ.get(f"SDFARM_MAX_{name}")
+    return int(value) if value and value.isdigit() else default
+
+
+def _up_to(lo: int, name: str, default: int):
+    def check(value):
+        hi = farm_limit(name, default)
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi} (this farm's SDFARM_MAX_{name})")
         return value
 
     return AfterValidator(check)
@@ -51,10 +72,10 @@ def _seed(value: int) -> int:
     return value
 
 
-Steps = Annotated[int, _between(1, 500)]
+Steps = Annotated[int, _up_to(1, "STEPS", 500)]
 Cfg = Annotated[float, _between(0, 50)]
 Strength = Annotated[float, _between(0, 2)]
-Side = Annotated[int, _between(64, 8192), AfterValidator(_multiple_of_8)]
+Side = Annotated[int, _up_to(64, "SIDE", 8192), AfterValidator(_multiple_of_8)]
 Seed = Annotated[int, AfterValidator(_seed)]
 SamplerName = Annotated[str, AfterValidator(_known_sampler)]
 
@@ -327,7 +348,7 @@ class TrainOptions(Strict):
     lr_scheduler_power: float = 1.0
     optimizer_type: Annotated[str, AfterValidator(_optimizer_name)] = "AdamW"
     optimizer_args: list[str] = Field(default_factory=list)
-    train_batch_size: Annotated[int, _between(1, 1024)] = 1
+    train_batch_size: Annotated[int, _up_to(1, "BATCH", 64)] = 1
     gradient_accumulation_steps: Annotated[int, _between(1, 1024)] = 1
     max_train_epochs: Optional[Positive] = None
     max_train_steps: Optional[Positive] = None
@@ -476,7 +497,8 @@ def _format_location(loc: tuple) -> str:
         elif part.startswith("function-") or part in ("lax-or-strict", "json-or-python"):
             continue
         else:
-            text += ("." if text else "") + str(part)
+            part = str(part)  # a key the user wrote: quoted unless it is a plain name
+            text += ("." if text else "") + (part if re.fullmatch(r"[\w.:-]+", part, re.ASCII) else repr(part))
     return text
 
 
@@ -503,15 +525,39 @@ def parse_spec(data: Any, source: str = "<spec>") -> "RenderJob | TrainJob":
 
 def read_yaml(path: Path) -> Any:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: {len(text):,} bytes; a job spec is at most {MAX_SPEC_BYTES:,}")
     try:
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)  # plain data only: `!!python/...` tags are refused
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
-        raise SpecError(f"{path}: {where}not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise SpecError(f"{path}: {where}not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: nested too deeply to be a job spec") from None
+    _check_size(data, path)
+    return data
+
+
+def _check_size(data: Any, path: Path) -> None:
+    """Refuse YAML whose aliases or nesting make it huge (a "billion laughs" spec would
+    otherwise take validation down with it)."""
+    budget, stack = MAX_SPEC_NODES, [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        budget -= 1
+        if budget < 0 or depth > MAX_SPEC_DEPTH:
+            raise SpecError(f"{path}: too large or nested too deeply to be a job spec "
+                            f"(more than {MAX_SPEC_NODES:,} values or {MAX_SPEC_DEPTH} levels)")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for pair in node.items() for v in pair)
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
 
 
 def merge(base: Any, override: Any) -> Any:
