@@ -36,7 +36,11 @@ def allowed_roots(base: Path) -> list[Path]:
 
 def inside_roots(given: Path, base: Path, error: type[Exception] = ModelError) -> Path:
     """`given` resolved (symlinks and `..` followed), refused unless it stays in allowed_roots."""
-    path = given.expanduser().resolve()
+    try:
+        path = given.expanduser().resolve()
+        path.exists()  # a name too long for the filesystem fails here, not later in a worker
+    except (OSError, ValueError, RuntimeError) as exc:  # NUL bytes, ENAMETOOLONG, symlink loops
+        raise error(f"{given!r}: not a usable path ({getattr(exc, 'strerror', None) or exc})") from None
     roots = allowed_roots(base)
     if not any(path.is_relative_to(root) for root in roots):
         raise error(f"{given}: resolves outside the folders jobs may read ({', '.join(map(str, roots))}); "
@@ -66,6 +70,8 @@ def resolve_lora(reference: str, base: Path) -> Path:
     if is_tiny(reference):
         return resolve_tiny(reference)
     given = (base / reference).expanduser()
+    if not given.name or given.name in (".", ".."):
+        raise LoraError(f"{reference!r}: not a LoRA file name")
     _refuse_pickle(given, LoraError)
     if given.suffix.lower() != ".safetensors":  # A1111 tags name LoRAs without the extension
         given = given.with_name(given.name + ".safetensors")
