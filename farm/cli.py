@@ -134,7 +134,7 @@ def cmd_run(args) -> int:
     else:  # plan (and fix -1 seeds) before starting anything
         plan = plan_job(args.job, _spec_dir(args), args.source, info.get("seeds"))
         run.save_run_info({"job": plan.job.job, "spec": args.source, "seeds": plan.seeds, "axes": plan.axis_labels})
-    started_ray = connect(args.address, args.gpus, dashboard=not args.no_dashboard)
+    started_ray = connect(args.address, args.gpus, dashboard=not args.no_dashboard, allow_open=args.allow_open_cluster)
     pool = None if started_ray else _open_shared_pool(args, options)
     try:
         if pool is not None and not training:
@@ -324,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "its dashboard (default: on, at 127.0.0.1)")
     p.add_argument("--priority", type=int, default=0, help="on a running cluster's shared pool: higher "
                    "priority jobs take free workers first (default 0)")
+    p.add_argument("--allow-open-cluster", action="store_true", help="join a cluster whose dashboard is "
+                   "reachable from the network without token auth (refused by default)")
     p.add_argument("--job-key", help=argparse.SUPPRESS)  # set by `farm submit`: the job's name in the pool
     p.set_defaults(func=cmd_run)
 

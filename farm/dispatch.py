@@ -26,6 +26,7 @@ import ray
 from ray.exceptions import ActorUnschedulableError, RayActorError, RayTaskError
 
 from .metrics import farm_metrics
+from .errors import FarmError
 from .manifest import ManifestWriter, RunFolder
 from .pipeline import PipelineOptions
 from .pool import PrivatePool
@@ -50,7 +51,8 @@ class RunSummary:
     failed_runs: list[str] = field(default_factory=list)  # training runs that stopped with an error
 
 
-def connect(address: str | None = None, gpus: int | None = None, dashboard: bool = True) -> bool:
+def connect(address: str | None = None, gpus: int | None = None, dashboard: bool = True,
+            allow_open: bool = False) -> bool:
     """Join the cluster at `address` (or a running local one); else start a local Ray.
 
     A local Ray on a machine without CUDA declares one logical GPU per CPU core, so render
@@ -61,14 +63,18 @@ def connect(address: str | None = None, gpus: int | None = None, dashboard: bool
         return False
     # Joining a cluster keeps its nodes' environment and, inside a submitted job, the job's
     # runtime env (a runtime_env here would replace it, and Ray would delete the job's working dir).
-    if address:
-        ray.init(address=address, namespace="sdfarm")
-        return False
     try:
-        ray.init(address="auto", namespace="sdfarm")
-        return False
+        context = ray.init(address=address or "auto", namespace="sdfarm")
     except ConnectionError:
-        pass
+        if address:
+            raise
+    else:
+        try:
+            check_exposure(context.dashboard_url or "", _auth_mode(), allow_open)
+        except FarmError:
+            ray.shutdown()
+            raise
+        return False
     env = {"runtime_env": {"env_vars": _forwarded_env()}}
     if gpus is None:
         import torch
@@ -79,6 +85,26 @@ def connect(address: str | None = None, gpus: int | None = None, dashboard: bool
     if dashboard and context.dashboard_url:
         print(f"Ray dashboard: http://{context.dashboard_url}", file=sys.stderr)
     return True
+
+
+def _auth_mode() -> str:
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    return "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "off"
+
+
+LOOPBACK = ("127.", "localhost", "[::1]", "::1")
+
+
+def check_exposure(dashboard_url: str, auth_mode: str, allow_open: bool) -> None:
+    """Refuse a cluster whose dashboard (and so its Jobs API: code execution for whoever reaches
+    it) listens beyond this machine with token authentication off, unless the user insists."""
+    host = dashboard_url.removeprefix("http://").rsplit(":", 1)[0]
+    if not host or host.startswith(LOOPBACK) or auth_mode == "token" or allow_open:
+        return
+    raise FarmError(f"the cluster's dashboard listens on {host} with token authentication off: anyone who "
+                    "reaches it can run code on every node; restart Ray with --dashboard-host=127.0.0.1 or "
+                    "RAY_AUTH_MODE=token (see cluster.yaml), or pass --allow-open-cluster")
 
 
 def _forwarded_env() -> dict[str, str]:

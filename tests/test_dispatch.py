@@ -171,3 +171,53 @@ def test_exactly_once_while_workers_are_killed_9_ten_times(ray_cluster, lora_dir
         assert hashlib.sha256(data).hexdigest() == row["image_sha256"]
         Image.open(tmp_path / row["image_path"]).verify()
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")], "temp files left behind"
+
+
+@pytest.mark.parametrize("url, auth, allow, refused", [
+    ("127.0.0.1:8265", "off", False, False),
+    ("localhost:8265", "off", False, False),
+    ("192.168.1.10:8265", "token", False, False),
+    ("192.168.1.10:8265", "off", False, True),
+    ("0.0.0.0:8265", "off", False, True),
+    ("0.0.0.0:8265", "off", True, False),
+    ("", "off", False, False),  # no dashboard at all
+])
+def test_an_open_cluster_is_refused_unless_the_user_insists(url, auth, allow, refused):
+    from farm.dispatch import check_exposure
+    from farm.errors import FarmError
+
+    if refused:
+        with pytest.raises(FarmError, match="--allow-open-cluster"):
+            check_exposure(url, auth, allow)
+    else:
+        check_exposure(url, auth, allow)
+
+
+def test_a_head_the_farm_starts_listens_on_loopback_only(tmp_path):
+    """The dashboard (and its Jobs API) of the local Ray `farm run` starts binds 127.0.0.1."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="sdfarm-lo-")
+    script = (
+        "import json, psutil, ray\n"
+        "from farm.dispatch import connect\n"
+        "connect(gpus=1)\n"
+        "url = ray._private.worker.global_worker.node.address_info['webui_url']\n"
+        "port = int(url.rsplit(':', 1)[1])\n"
+        "ips = sorted({c.laddr.ip for c in psutil.net_connections('inet') if c.laddr.port == port and c.status == 'LISTEN'})\n"
+        "print(json.dumps({'url': url, 'ips': ips}))\n"
+        "ray.shutdown()\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                              env={**os.environ, "RAY_TMPDIR": ray_tmp})
+    finally:
+        from test_cli import _kill_by_env
+
+        _kill_by_env(f"RAY_TMPDIR={ray_tmp}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["url"].startswith("127.0.0.1:") and answer["ips"] == ["127.0.0.1"], answer

@@ -9,6 +9,7 @@ import json
 import shutil
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -214,6 +215,15 @@ def test_a_training_job_trains_on_the_head_and_evaluates_on_both_nodes(service):
     assert table and {r["status"] for r in table} == {"ok"}
     trained = [w["trained"] for w in pool(service)["workers"].values()]
     assert sorted(trained)[-1] == 2 and sum(trained) == 2, f"both runs train on the head's one GPU: {trained}"
+
+
+def test_the_jobs_api_refuses_requests_without_the_token(service):
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{service.dashboard}/api/jobs/", timeout=10)
+    assert refused.value.code in (401, 403)
+    request = urllib.request.Request(f"{service.dashboard}/api/jobs/", headers=auth(service))
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status == 200
 
 
 def test_metrics_reach_the_dashboards_metrics_endpoint(service):
