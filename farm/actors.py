@@ -61,7 +61,7 @@ class GpuWorker:
         self.options = options
         self.name = f"worker:{self.slot}@{self.node}"
         self.renderer = self._new_renderer()
-        self.counters = {"pipeline_loads": 0, "lora_loads": 0, "fetched": 0, "rendered": 0, "trained": 0}
+        self.counters = {"pipeline_loads": 0, "lora_loads": 0, "fetched": 0, "rendered": 0, "failed": 0, "trained": 0}
 
     def __repr__(self) -> str:  # the name the Ray dashboard shows for this actor
         return self.name
@@ -79,7 +79,8 @@ class GpuWorker:
     def render_batch(self, tasks: list[Task], source: Source | None = None) -> list[RenderResult]:
         self._source = source
         results = self.renderer.render_many(tasks)
-        self.counters["rendered"] += len(results)
+        self.counters["rendered"] += sum(r.status == "ok" for r in results)
+        self.counters["failed"] += sum(r.status != "ok" for r in results)
         for result in results:
             record_render(result, self.node)
         return results
@@ -154,16 +155,21 @@ def artifact_source(loras: dict[str, str]) -> Source:
     return Source(node_id=node_id, server=name)
 
 
+def worker_class():
+    """GpuWorker as a Ray actor class."""
+    return ray.remote(concurrency_groups=_GROUPS)(GpuWorker)
+
+
 def start_workers(count: int, options: PipelineOptions, use_gpus: bool) -> list:
     """`count` workers of this run alone, each on its own (logical) GPU, or one CPU each if none."""
-    remote = ray.remote(concurrency_groups=_GROUPS)(GpuWorker)
+    remote = worker_class()
     resources = {"num_gpus": 1, "num_cpus": 0} if use_gpus else {"num_cpus": 1}
     return [remote.options(max_restarts=RESTARTS, **resources).remote(i, options) for i in range(count)]
 
 
 def start_pool_worker(name: str, node_id: str, index: int, options: PipelineOptions):
     """A long-lived worker of the shared pool, pinned to one GPU of `node_id`."""
-    return ray.remote(concurrency_groups=_GROUPS)(GpuWorker).options(
+    return worker_class().options(
         name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", max_restarts=RESTARTS,
         num_gpus=1, num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
     ).remote(index, options)

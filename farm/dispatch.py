@@ -35,6 +35,7 @@ from .render import RenderResult
 
 MAX_ATTEMPTS = 3
 MAX_LOSSES = 10
+BLOCK_AFTER = 3  # a worker that fails this many of a job's tasks gets no more of them (Flamenco's rule)
 # a worker that died, or can no longer exist (its node left): its work goes to another
 WORKER_GONE = (RayActorError, ActorUnschedulableError)
 
@@ -182,6 +183,8 @@ class _Feed:
         self.queue = AffinityQueue(OrderedDict())
         self.writer = ManifestWriter(run)
         self.lost_on: dict[str, list] = {}  # task id → workers it was lost on, in order
+        self.failed_on: dict[str, list] = {}  # task id → workers it failed on (retryable failures)
+        self.worker_failures: dict = {}
         self.summary = RunSummary(total=0, skipped=0)
         self.bar = _progress(0, quiet)
         self.started = time.perf_counter()
@@ -198,6 +201,27 @@ class _Feed:
             self.queue.chunks.setdefault(group, deque()).extend(chunks)
         self.bar.total = (self.bar.total or 0) + len(fresh)
         self.bar.refresh()
+
+    def retry_elsewhere(self, result: RenderResult, worker) -> bool:
+        """Requeue a task that failed for a reason another worker may not have; False once it
+        failed on MAX_ATTEMPTS different workers (then its last error is final)."""
+        workers = self.failed_on.setdefault(result.task.task_id, [])
+        workers.append(worker)
+        if len(set(workers)) >= MAX_ATTEMPTS or len(workers) >= 2 * MAX_ATTEMPTS:
+            result.error = f"failed on {len(set(workers))} workers; last: {result.error}"
+            return False
+        self.queue.put_back([result.task])
+        return True
+
+    def worker_failed(self, worker) -> bool:
+        """Count a worker's failure; True when it has just reached BLOCK_AFTER."""
+        self.worker_failures[worker] = self.worker_failures.get(worker, 0) + 1
+        return self.worker_failures[worker] == BLOCK_AFTER
+
+    def fail_queued(self, error: str) -> None:
+        while self.queue:
+            for task in self.queue.take(None) or []:
+                self.record(RenderResult(task=task, status="failed", error=error))
 
     def progress(self) -> dict:
         """Numbers for `farm jobs` and the queue-depth metric: done counts skipped (resumed) ones."""
@@ -316,7 +340,13 @@ def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None) -> 
             except RayTaskError as exc:  # the worker itself broke on this chunk: fail its tasks, go on
                 results = [RenderResult(task=t, status="failed", error=_first_line(exc.cause or exc)) for t in chunk]
             for result in results:
+                if result.status == "failed" and result.retryable and feed.retry_elsewhere(result, key):
+                    if feed.worker_failed(key) and pool.block(key):
+                        feed.bar.write(f"worker {key} failed {BLOCK_AFTER} tasks of this job: no more tasks for it")
+                    continue
                 feed.record(result)
+        if not pool.usable() and pool.all_blocked() and (feed.queue or renders):
+            feed.fail_queued(f"no eligible worker left: every worker failed {BLOCK_AFTER} tasks of this job")
 
 
 def _open_pool(pool, actors: int | None, work: int, options: PipelineOptions):

@@ -47,6 +47,7 @@ class _Job:
     paused: bool = False
     cancelled: bool = False
     granted: list = field(default_factory=list)
+    blocked: set = field(default_factory=set)
     progress: dict = field(default_factory=dict)
     seen: float = field(default_factory=time.monotonic)
     event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -105,6 +106,12 @@ class PoolKeeper:
                 del self.held[name]
                 self.last_job[name] = key
         self._wake()
+
+    def block(self, key: str, name: str) -> None:
+        """Never lend `name` to this job again (it failed too many of the job's tasks)."""
+        job = self.jobs.get(key)
+        if job is not None:
+            job.blocked.add(name)
 
     def pin(self, key: str, name: str, pinned: bool) -> None:
         """A training run keeps its worker however long it takes (`pinned=False` ends that)."""
@@ -222,8 +229,8 @@ class PoolKeeper:
         waiting = sorted((j for j in self.jobs.values() if j.want > 0 and not j.paused and not j.cancelled),
                          key=lambda j: (-j.priority, j.seq))
         for job in waiting:
-            while job.want > 0 and free:
-                pick = next((n for n in free if self.last_job.get(n) == job.key), free[0])
+            while job.want > 0 and (eligible := [n for n in free if n not in job.blocked]):
+                pick = next((n for n in eligible if self.last_job.get(n) == job.key), eligible[0])
                 free.remove(pick)
                 self.held[pick] = (job.key, now + LEASE_S)
                 job.granted.append(pick)
@@ -253,13 +260,22 @@ class PrivatePool:
     def __init__(self, workers: list, owned: bool):
         self.handles = dict(enumerate(workers))
         self.owned = owned
+        self.blocked: set = set()
 
     @classmethod
     def start(cls, count: int, options: PipelineOptions, use_gpus: bool) -> "PrivatePool":
         return cls(start_workers(count, options, use_gpus), owned=True)
 
     def usable(self) -> list:
-        return list(self.handles)
+        return [key for key in self.handles if key not in self.blocked]
+
+    def block(self, key) -> bool:
+        """This job sends `key` no more tasks."""
+        self.blocked.add(key)
+        return True
+
+    def all_blocked(self) -> bool:
+        return self.blocked >= set(self.handles)
 
     def want(self, count: int) -> None: ...
 
@@ -304,6 +320,7 @@ class SharedPool:
         self.renewal = None
         self.renewing: list[str] = []
         self.offered: set[str] = set()
+        self.blocked: set[str] = set()
         self._source = None
         self.reported = 0.0
         self.standing: dict = {}
@@ -312,7 +329,17 @@ class SharedPool:
 
     def usable(self) -> list[str]:
         now = time.monotonic()
-        return [name for name in self.handles if name in self.pinned or self.deadline[name] > now]
+        return [name for name in self.handles
+                if name not in self.blocked and (name in self.pinned or self.deadline[name] > now)]
+
+    def block(self, name: str) -> bool:
+        """This job takes no more tasks to `name`: its lease runs out and it is not asked for again."""
+        self.blocked.add(name)
+        self.keeper.block.remote(self.key, name)
+        return True
+
+    def all_blocked(self) -> bool:
+        return False  # other workers may join the cluster
 
     def want(self, count: int) -> None:
         if count > 0 and self.request is None:
@@ -340,7 +367,8 @@ class SharedPool:
         soon = [n for n in self.handles if n not in self.pinned and self.deadline[n] - now < LEASE_S / 2]
         if soon and self.renewal is None:
             self.renewal = self.keeper.renew.remote(self.key, soon)
-        done = [n for n in self.handles if n not in self.pinned and self.deadline[n] <= now and not load.get(n)]
+        done = [n for n in self.handles if n not in self.pinned and not load.get(n)
+                and (self.deadline[n] <= now or n in self.blocked)]
         if done:
             self.keeper.release.remote(self.key, done)
             for name in done:

@@ -221,3 +221,48 @@ def test_a_head_the_farm_starts_listens_on_loopback_only(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert answer["url"].startswith("127.0.0.1:") and answer["ips"] == ["127.0.0.1"], answer
+
+
+def _faulty_worker():
+    """A worker whose every render fails as a broken GPU's would (SDFARM_FAULT=render)."""
+    import os
+
+    from farm.actors import worker_class
+
+    env = {name: os.environ[name] for name in ("SDFARM_CACHE", "SDFARM_ROOTS") if name in os.environ}
+    return worker_class().options(num_gpus=1, num_cpus=0, max_restarts=0, runtime_env={
+        "env_vars": {**env, "HF_HUB_OFFLINE": "1", "SDFARM_FAULT": "render"}}).remote(9, PipelineOptions())
+
+
+def test_a_failing_worker_is_blocklisted_and_the_job_completes_on_the_other(ray_cluster, lora_dir, tmp_path):
+    import ray
+
+    from farm.actors import start_workers
+
+    plan = demo_plan(lora_dir, lora=["none", "subject-000001"], seed=list(range(12)))
+    good, bad = start_workers(1, PipelineOptions(), use_gpus=True)[0], _faulty_worker()
+    try:
+        summary = run_plan(plan, RunFolder(tmp_path), chunk_size=1, quiet=True, pool=[good, bad])
+        counts = ray.get([good.holds.remote(), bad.holds.remote()])
+    finally:
+        ray.kill(good)
+        ray.kill(bad)
+    assert (summary.ok, summary.failed) == (24, 0), summary.errors
+    assert counts[0]["rendered"] == 24
+    assert 3 <= counts[1]["failed"] <= 3 + 1, "blocklisted at 3 failures (one more may be in flight)"
+
+
+def test_a_job_with_no_eligible_worker_left_fails_fast(ray_cluster, lora_dir, tmp_path):
+    import ray
+
+    plan = demo_plan(lora_dir, lora=["none"], seed=list(range(20)))
+    bad = _faulty_worker()
+    started = time.perf_counter()
+    try:
+        summary = run_plan(plan, RunFolder(tmp_path), chunk_size=1, quiet=True, pool=[bad])
+        failed = ray.get(bad.holds.remote())["failed"]
+    finally:
+        ray.kill(bad)
+    assert (summary.ok, summary.failed) == (0, 20)
+    assert failed <= 4 and time.perf_counter() - started < 60
+    assert any("no eligible worker left" in e for e in summary.errors)

@@ -106,3 +106,58 @@ def test_corrupt_and_foreign_loras_fail_with_a_clear_error(renderer, lora_dir, t
     result = renderer.render(foreign)
     assert result.status == "failed" and "foreign.safetensors" in result.error
     assert renderer.render(good).status == "ok"
+
+
+class FaultyPipeline:
+    """The real pipeline behind a boundary that injects GPU failures: `faults` is consumed one
+    per call ("oom": raise CUDA out-of-memory; "black": return an all-black image; None: pass)."""
+
+    def __init__(self, pipe, faults):
+        self.pipe, self.faults = pipe, list(faults)
+
+    def __call__(self, *args, **kwargs):
+        import torch
+
+        fault = self.faults.pop(0) if self.faults else None
+        if fault == "oom":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        output = self.pipe(*args, **kwargs)
+        if fault == "black":
+            output.images[0] = Image.new("RGB", output.images[0].size)
+        return output
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+
+@pytest.fixture
+def faulty(renderer, lora_dir):
+    """The shared renderer with its pipeline behind FaultyPipeline; restored afterwards."""
+    task = tasks_for(lora_dir, {"lora": ["subject-000001"]})[0]
+    clean = renderer.render(task)
+    real = renderer.pipe
+    yield renderer, task, clean, lambda faults: setattr(renderer, "pipe", FaultyPipeline(real, faults))
+    renderer.pipe = real
+    renderer.memory_steps, renderer.vae_upcast = [], False
+    real.vae.disable_tiling()
+
+
+def test_out_of_memory_is_retried_with_lower_memory_settings(faulty):
+    renderer, task, clean, inject = faulty
+    inject(["oom"])
+    result = renderer.render(task)
+    assert result.status == "ok" and result.png == clean.png  # 64 px: tiling changes nothing
+    assert "out of memory: vae_tiling on" in result.notes
+    inject(["oom", "oom"])  # no lower setting left on the CPU: a clear failure, not a crash
+    failed = renderer.render(task)
+    assert failed.status == "failed" and "out of GPU memory" in failed.error and not failed.retryable
+
+
+def test_a_black_image_is_retried_with_the_vae_upcast_and_never_written_as_ok(faulty):
+    renderer, task, clean, inject = faulty
+    inject(["black"])
+    result = renderer.render(task)
+    assert result.status == "ok" and result.png == clean.png and "VAE upcast" in result.notes
+    inject(["black", "black"])
+    failed = renderer.render(task)
+    assert failed.status == "failed" and "black image twice" in failed.error and not failed.png
