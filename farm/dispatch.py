@@ -177,6 +177,7 @@ class _Feed:
 
     def __init__(self, run: RunFolder, quiet: bool, chunk_size: int):
         self.run, self.chunk_size = run, chunk_size
+        run.remove_temp_files()  # left by a crashed earlier run of this job
         self.done = run.done_ids()
         self.seen = set(self.done)  # done or queued: never queued twice
         self.planned: set[str] = set()

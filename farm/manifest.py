@@ -87,7 +87,7 @@ def image_relpath(task_id: str) -> str:
     return f"images/{task_id[:2]}/{task_id}.png"
 
 
-def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+def write_atomic(path: Path, data: bytes, durable: bool = True, stage: str = "file") -> None:
     """Write to a hidden temp file beside `path`, then rename: readers see all or nothing, even
     if the writer is killed. `durable` also fsyncs first, so it survives a power cut; images skip
     that (a lost image only means its task renders again: its row is written after it)."""
@@ -99,7 +99,19 @@ def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
             handle.flush()
             os.fsync(handle.fileno())
     os.chmod(tmp, 0o644)
+    _crash_point(f"{stage}-temp")
     os.replace(tmp, path)
+    _crash_point(f"{stage}-renamed")
+
+
+def _crash_point(point: str) -> None:
+    """SDFARM_CRASH_AT=<stage>-temp|<stage>-renamed kills this process there, as a power cut or
+    kill -9 would: the fault-injection tests prove a run survives a crash at every such point."""
+    if os.environ.get("SDFARM_CRASH_AT") == point:
+        os._exit(137)
+
+
+TEMP_GLOB = ".*.tmp"  # what write_atomic leaves behind when killed before its rename
 
 
 def result_row(result: RenderResult, image_path: str) -> dict:
@@ -162,7 +174,7 @@ class RunFolder:
 
     def save_image(self, result: RenderResult) -> str:
         relative = image_relpath(result.task.task_id)
-        write_atomic(self.root / relative, result.png, durable=False)
+        write_atomic(self.root / relative, result.png, durable=False, stage="image")
         return relative
 
     def write_part(self, rows: list[dict]) -> Path | None:
@@ -173,8 +185,16 @@ class RunFolder:
         path = self.manifest_dir / f"part-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), sink, compression="zstd")
-        write_atomic(path, sink.getvalue().to_pybytes())
+        write_atomic(path, sink.getvalue().to_pybytes(), stage="manifest")
         return path
+
+    def remove_temp_files(self) -> int:
+        """Temp files of a writer that was killed mid-write (their content is written again)."""
+        stale = [p for folder in (self.root / "images", self.manifest_dir) if folder.is_dir()
+                 for p in folder.rglob(TEMP_GLOB)]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
 
     def parts(self) -> list[Path]:
         if not self.manifest_dir.is_dir():

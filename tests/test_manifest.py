@@ -72,3 +72,64 @@ def _row(r):
     from farm.manifest import result_row
 
     return result_row(r, "images/x.png" if r.status == "ok" else "")
+
+
+WRITER = """
+import pickle, sys
+from farm.manifest import ManifestWriter, RunFolder
+results = pickle.load(open(sys.argv[1], "rb"))
+run = RunFolder(sys.argv[2])
+run.remove_temp_files()
+done = run.done_ids()
+writer = ManifestWriter(run, every_rows=2)
+for result in results:
+    if result.task.task_id not in done:
+        writer.add(result)
+writer.flush()
+"""
+
+
+@pytest.fixture(scope="module")
+def rendered(renderer, lora_dir, tmp_path_factory):
+    """Six real render results, pickled for a writer process to commit."""
+    import pickle
+
+    from farm.plan import plan_job
+    from farm.spec import parse_spec
+
+    tasks = plan_job(parse_spec({"job": "w", "model": "tiny:sdxl", "defaults": {
+        "prompt": "a", "steps": 2, "width": 64, "height": 64}, "axes": {"seed": list(range(6))}}), lora_dir).tasks
+    results = [renderer.render(task) for task in tasks]
+    assert all(r.status == "ok" for r in results)
+    path = tmp_path_factory.mktemp("rendered") / "results.pkl"
+    path.write_bytes(pickle.dumps(results))
+    return path, results
+
+
+@pytest.mark.parametrize("point", ["image-temp", "image-renamed", "manifest-temp", "manifest-renamed"])
+def test_a_crash_at_each_point_of_the_write_path_loses_and_doubles_nothing(point, rendered, tmp_path):
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    pickled, results = rendered
+    out = tmp_path / "run"
+    env = {**os.environ, "SDFARM_CRASH_AT": point}
+    crashed = subprocess.run([sys.executable, "-c", WRITER, str(pickled), str(out)], env=env, capture_output=True)
+    assert crashed.returncode == 137, crashed.stderr.decode()[-2000:]
+
+    def check_rows() -> list[dict]:
+        rows = pq.read_table(out / "manifest").to_pylist() if (out / "manifest").is_dir() else []
+        for row in rows:  # no partial row: each names an image that is there, whole
+            data = (out / row["image_path"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == row["image_sha256"]
+        return rows
+
+    assert len(check_rows()) < len(results)
+    env.pop("SDFARM_CRASH_AT")
+    resumed = subprocess.run([sys.executable, "-c", WRITER, str(pickled), str(out)], env=env, capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    rows = check_rows()
+    assert sorted(r["task_id"] for r in rows) == sorted(r.task.task_id for r in results)  # 0 duplicates
+    assert not list(out.rglob(".*.tmp"))
