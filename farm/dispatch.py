@@ -257,20 +257,26 @@ def _pool_size(actors: int | None, work: int) -> tuple[int, bool]:
     return max(1, min(actors or slots, slots, max(work, 1))), use_gpus
 
 
-def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None) -> None:
+def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None, recycle_after: int = 0) -> None:
     """Keep every usable worker busy until no work is left: training runs first (a worker takes
     one when it has no render chunk in flight), render chunks by affinity otherwise. Checkpoints
     stream back while a run trains, and `on_checkpoint` may queue renders for them at once.
-    `pool` (pool.PrivatePool or pool.SharedPool) says which workers this job may use now."""
+    `pool` (pool.PrivatePool or pool.SharedPool) says which workers this job may use now.
+    `recycle_after`: replace a worker by a fresh process after it rendered that many tasks
+    (like Ray's max_calls: memory that grows anyway is given back), between chunks."""
     renders: dict = {}  # ref → (worker, chunk)
     training: dict = {}  # streaming generator → (worker, TrainRun)
     load: dict = {}  # worker → chunks in flight
     train_attempts: dict[str, int] = {}
     busy_training: set = set()
 
+    rendered: dict = {}  # worker → tasks since it started
+
     def fill(key) -> None:
         if key in busy_training:
             return
+        if recycle_after and rendered.get(key, 0) >= recycle_after and not load.get(key) and pool.recycle(key):
+            rendered[key] = 0
         worker = pool.handles[key]
         if trains and not load.get(key) and pool.can_train(key):
             job = trains.popleft()
@@ -331,6 +337,7 @@ def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None) -> 
                 continue
             key, chunk = renders.pop(ref)
             load[key] -= 1
+            rendered[key] = rendered.get(key, 0) + len(chunk)
             try:
                 results = ray.get(ref)
             except WORKER_GONE as exc:
@@ -363,7 +370,7 @@ def _open_pool(pool, actors: int | None, work: int, options: PipelineOptions):
 
 def run_plan(plan: Plan, run: RunFolder, *, actors: int | None = None, chunk_size: int = 4,
              depth: int = 2, options: PipelineOptions = PipelineOptions(), quiet: bool = False,
-             pool=None) -> RunSummary:
+             pool=None, recycle_after: int = 0) -> RunSummary:
     """Render every task of `plan` that has no `ok` row in `run`'s manifest, on the current Ray.
 
     `pool`: a `pool.SharedPool`, a list of workers that are already up (and stay up), or None
@@ -376,7 +383,7 @@ def run_plan(plan: Plan, run: RunFolder, *, actors: int | None = None, chunk_siz
         return feed.summary
     pool, opened = _open_pool(pool, actors, len(plan.tasks), options)
     try:
-        _drive(pool, feed, deque(), depth)
+        _drive(pool, feed, deque(), depth, recycle_after=recycle_after)
     finally:
         feed.close()
         if opened:
@@ -388,7 +395,7 @@ def run_plan(plan: Plan, run: RunFolder, *, actors: int | None = None, chunk_siz
 
 def run_study(trains: list, replan, run: RunFolder, *, actors: int | None = None, chunk_size: int = 4,
               depth: int = 2, options: PipelineOptions = PipelineOptions(), quiet: bool = False,
-              pool=None) -> RunSummary:
+              pool=None, recycle_after: int = 0) -> RunSummary:
     """Train `trains` (TrainRuns) and render their evaluation as each checkpoint appears.
 
     `replan(checkpoints)` returns the evaluation tasks for the checkpoints known so far; it is
@@ -413,7 +420,7 @@ def run_study(trains: list, replan, run: RunFolder, *, actors: int | None = None
     pending = deque(job for job in trains if job.run not in finished)
     pool, opened = _open_pool(pool, actors, len(pending) + 1, options)
     try:
-        _drive(pool, feed, pending, depth, on_checkpoint)
+        _drive(pool, feed, pending, depth, on_checkpoint, recycle_after)
     finally:
         feed.close()
         if opened:

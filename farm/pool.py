@@ -264,7 +264,18 @@ class PrivatePool:
 
     @classmethod
     def start(cls, count: int, options: PipelineOptions, use_gpus: bool) -> "PrivatePool":
-        return cls(start_workers(count, options, use_gpus), owned=True)
+        pool = cls(start_workers(count, options, use_gpus), owned=True)
+        pool.options, pool.use_gpus = options, use_gpus
+        return pool
+
+    def recycle(self, key) -> bool:
+        """Replace a worker by a fresh process (memory that grew anyway goes with the old one);
+        only for workers this pool started."""
+        if not self.owned:
+            return False
+        ray.kill(self.handles[key])
+        self.handles[key] = start_workers(1, self.options, self.use_gpus)[0]
+        return True
 
     def usable(self) -> list:
         return [key for key in self.handles if key not in self.blocked]
@@ -386,6 +397,9 @@ class SharedPool:
 
     def source(self):
         return self._source
+
+    def recycle(self, name: str) -> bool:
+        return False  # the pool's workers live across jobs; the keeper would have to restart them
 
     def offer(self, chunk) -> None:
         """Let workers on other nodes fetch this chunk's LoRAs from this node."""

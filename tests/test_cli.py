@@ -14,9 +14,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def farm(*args, cwd=ROOT, timeout=600):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "farm.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    """`farm ...` in a subprocess with a RAY_TMPDIR of its own: `farm run` must start its own
+    local Ray, not join (and lend its GPUs to the shared pool of) the tests' session cluster."""
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="sdfarm-cli-")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        return subprocess.run([sys.executable, "-m", "farm.cli", *map(str, args)], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    finally:
+        _kill_by_env(f"RAY_TMPDIR={ray_tmp}")
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_plan_prints_counts_without_rendering(farm_cache, tmp_path):

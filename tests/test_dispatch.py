@@ -1,6 +1,7 @@
 """The queue on a real local Ray with two logical GPUs and the tiny model."""
 
 import hashlib
+import shutil
 import time
 from collections import deque
 
@@ -218,6 +219,7 @@ def test_a_head_the_farm_starts_listens_on_loopback_only(tmp_path):
         from test_cli import _kill_by_env
 
         _kill_by_env(f"RAY_TMPDIR={ray_tmp}")
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-2000:]
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert answer["url"].startswith("127.0.0.1:") and answer["ips"] == ["127.0.0.1"], answer
@@ -266,3 +268,21 @@ def test_a_job_with_no_eligible_worker_left_fails_fast(ray_cluster, lora_dir, tm
     assert (summary.ok, summary.failed) == (0, 20)
     assert failed <= 4 and time.perf_counter() - started < 60
     assert any("no eligible worker left" in e for e in summary.errors)
+
+
+def test_workers_are_recycled_after_n_tasks(ray_cluster, lora_dir, tmp_path):
+    import ray
+
+    from farm.pool import PrivatePool
+
+    plan = demo_plan(lora_dir, lora=["none"], seed=list(range(16)))
+    pool = PrivatePool.start(2, PipelineOptions(), use_gpus=True)
+    first = {key: ray.get(worker.holds.remote())["pid"] for key, worker in pool.handles.items()}
+    try:
+        summary = run_plan(plan, RunFolder(tmp_path), chunk_size=2, quiet=True, pool=pool, recycle_after=4)
+        last = {key: ray.get(worker.holds.remote()) for key, worker in pool.handles.items()}
+    finally:
+        pool.close()
+    assert (summary.ok, summary.failed) == (16, 0)
+    assert all(last[key]["pid"] != first[key] for key in first), "each worker was replaced"
+    assert all(holds["rendered"] <= 4 for holds in last.values()), "no worker rendered more than 4 in a row"

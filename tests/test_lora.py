@@ -136,3 +136,39 @@ def test_a_symlink_out_of_the_allowed_folders_is_refused(tmp_path, lora_dir, mon
     with pytest.raises(FarmError, match="outside the folders"):
         plan_job(parse_spec({"job": "x", "model": "tiny:sdxl", "defaults": {"prompt": "a"},
                              "axes": {"lora": ["../elsewhere"]}}), jobs)
+
+
+@pytest.mark.slow
+def test_500_load_switch_unload_cycles_keep_memory_flat(renderer, reference, tmp_path):
+    """Five LoRAs through a 2-slot adapter cache: every cycle loads one (evicting, i.e.
+    unloading, another), switches to it, and every fifth turns LoRAs off. RSS after warm-up
+    stays within 5 %."""
+    import psutil
+
+    from farm.artifacts import sha256_file
+    from farm.lora import AdapterCache
+    from farm.plan import LoraUse
+    from farm.tiny import save_tiny_lora
+
+    loras = []
+    for index in range(5):
+        path = tmp_path / f"leak{index}.safetensors"
+        save_tiny_lora(path, f"leak-{index}")
+        loras.append(LoraUse(name=f"leak{index}", path=str(path), sha256=sha256_file(path), strength=0.8))
+    cache = AdapterCache(renderer.pipe, max_adapters=2)
+    process = psutil.Process()
+    try:
+        for cycle in range(500):
+            cache.apply([] if cycle % 5 == 4 else [loras[cycle % 5]])
+            if cycle == 49:
+                warm = process.memory_info().rss
+        grown = process.memory_info().rss / warm - 1
+    finally:
+        for name in list(cache.loaded):
+            renderer.pipe.delete_adapters(name)
+        renderer.pipe.enable_lora()
+        renderer.adapters.active, renderer.adapters.enabled = (), True
+    assert cache.loads >= 400
+    assert grown <= 0.05, f"RSS grew {grown:.1%} over 450 cycles"
+    task, png = reference
+    assert renderer.render(task).png == png  # the renderer is as it was
