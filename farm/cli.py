@@ -140,7 +140,7 @@ def cmd_run(args) -> int:
         if pool is not None and not training:
             pool.check_models([t.model_path for t in plan.tasks])
         common = dict(actors=args.actors, chunk_size=args.chunk, options=options, quiet=args.quiet, pool=pool,
-                      recycle_after=args.recycle_after)
+                      recycle_after=args.recycle_after, task_timeout_s=args.task_timeout)
         if training:
             from .study import run_training_job
 
@@ -323,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--recycle-after", type=int, default=0, metavar="N", help="replace a worker by a fresh "
                    "process after N images (if its memory grows over a long run; default never)")
+    p.add_argument("--task-timeout", type=float, default=600, metavar="S", help="restart a worker that "
+                   "spends more than S seconds on one image and render it elsewhere (default 600; 0: never)")
     p.add_argument("--no-dashboard", action="store_true", help="a local Ray started here runs without "
                    "its dashboard (default: on, at 127.0.0.1)")
     p.add_argument("--priority", type=int, default=0, help="on a running cluster's shared pool: higher "

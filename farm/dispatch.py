@@ -35,6 +35,7 @@ from .render import RenderResult
 
 MAX_ATTEMPTS = 3
 MAX_LOSSES = 10
+COLD_FACTOR = 3  # a worker's first chunk may take this many timeouts (it loads its pipeline)
 BLOCK_AFTER = 3  # a worker that fails this many of a job's tasks gets no more of them (Flamenco's rule)
 # a worker that died, or can no longer exist (its node left): its work goes to another
 WORKER_GONE = (RayActorError, ActorUnschedulableError)
@@ -257,13 +258,16 @@ def _pool_size(actors: int | None, work: int) -> tuple[int, bool]:
     return max(1, min(actors or slots, slots, max(work, 1))), use_gpus
 
 
-def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None, recycle_after: int = 0) -> None:
+def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None, recycle_after: int = 0,
+           task_timeout_s: float = 0) -> None:
     """Keep every usable worker busy until no work is left: training runs first (a worker takes
     one when it has no render chunk in flight), render chunks by affinity otherwise. Checkpoints
     stream back while a run trains, and `on_checkpoint` may queue renders for them at once.
     `pool` (pool.PrivatePool or pool.SharedPool) says which workers this job may use now.
     `recycle_after`: replace a worker by a fresh process after it rendered that many tasks
-    (like Ray's max_calls: memory that grows anyway is given back), between chunks."""
+    (like Ray's max_calls: memory that grows anyway is given back), between chunks.
+    `task_timeout_s`: a worker whose current chunk takes longer than this per task is killed
+    (Ray restarts it) and the chunk goes to the queue again, counted as a failure of that worker."""
     renders: dict = {}  # ref → (worker, chunk)
     training: dict = {}  # streaming generator → (worker, TrainRun)
     load: dict = {}  # worker → chunks in flight
@@ -271,6 +275,7 @@ def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None, rec
     busy_training: set = set()
 
     rendered: dict = {}  # worker → tasks since it started
+    busy_since: dict = {}  # worker → when its oldest chunk in flight started (roughly)
 
     def fill(key) -> None:
         if key in busy_training:
@@ -293,6 +298,8 @@ def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None, rec
             name = chunk[0].title if len(chunk) == 1 else f"{chunk[0].title} (+{len(chunk) - 1})"
             ref = worker.render_batch.options(name=name[:80]).remote(chunk, pool.source())
             renders[ref] = (key, chunk)
+            if not load.get(key):
+                busy_since[key] = time.monotonic()
             load[key] = load.get(key, 0) + 1
 
     def end_training(ref, key) -> None:
@@ -308,7 +315,10 @@ def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None, rec
         if not renders and not training and not queued and not trains:
             return
         pool.want(len(trains) + -(-queued // depth) - len(pool.usable()))
-        ready, _ = ray.wait([*renders, *training, *pool.waitables()], num_returns=1, timeout=pool.tick)
+        tick = pool.tick if not task_timeout_s else min(pool.tick or 1.0, 1.0)
+        ready, _ = ray.wait([*renders, *training, *pool.waitables()], num_returns=1, timeout=tick)
+        if task_timeout_s:
+            _stop_overdue(pool, renders, load, busy_since, task_timeout_s, feed, rendered)
         for ref in ready:
             if ref in training:
                 key, job = training[ref]
@@ -337,6 +347,7 @@ def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None, rec
                 continue
             key, chunk = renders.pop(ref)
             load[key] -= 1
+            busy_since[key] = time.monotonic()
             rendered[key] = rendered.get(key, 0) + len(chunk)
             try:
                 results = ray.get(ref)
@@ -357,6 +368,23 @@ def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None, rec
             feed.fail_queued(f"no eligible worker left: every worker failed {BLOCK_AFTER} tasks of this job")
 
 
+def _stop_overdue(pool, renders: dict, load: dict, busy_since: dict, task_timeout_s: float, feed: _Feed,
+                  rendered: dict) -> None:
+    """Kill workers stuck on a chunk (a hung driver call, a deadlocked GPU): Ray restarts them,
+    and the chunk's tasks come back through the lost-worker path, to any live worker. A worker
+    that has not finished a chunk yet gets COLD_FACTOR times longer: it loads its pipeline first."""
+    now = time.monotonic()
+    for key in {key for key, _ in renders.values()}:
+        oldest = next(chunk for k, chunk in renders.values() if k == key)
+        allowed = task_timeout_s * len(oldest) * (1 if rendered.get(key) else COLD_FACTOR)
+        if load.get(key) and now - busy_since.get(key, now) > allowed:
+            feed.bar.write(f"worker {key}: no answer in {allowed:.0f} s; restarting it")
+            ray.kill(pool.handles[key], no_restart=False)
+            busy_since[key] = now  # once per timeout
+            if feed.worker_failed(key):
+                pool.block(key)
+
+
 def _open_pool(pool, actors: int | None, work: int, options: PipelineOptions):
     """(pool, opened here): a pool object as given, a list of workers as a private pool that stays
     up, or by default a private pool started for this run."""
@@ -370,7 +398,7 @@ def _open_pool(pool, actors: int | None, work: int, options: PipelineOptions):
 
 def run_plan(plan: Plan, run: RunFolder, *, actors: int | None = None, chunk_size: int = 4,
              depth: int = 2, options: PipelineOptions = PipelineOptions(), quiet: bool = False,
-             pool=None, recycle_after: int = 0) -> RunSummary:
+             pool=None, recycle_after: int = 0, task_timeout_s: float = 0) -> RunSummary:
     """Render every task of `plan` that has no `ok` row in `run`'s manifest, on the current Ray.
 
     `pool`: a `pool.SharedPool`, a list of workers that are already up (and stay up), or None
@@ -383,7 +411,7 @@ def run_plan(plan: Plan, run: RunFolder, *, actors: int | None = None, chunk_siz
         return feed.summary
     pool, opened = _open_pool(pool, actors, len(plan.tasks), options)
     try:
-        _drive(pool, feed, deque(), depth, recycle_after=recycle_after)
+        _drive(pool, feed, deque(), depth, recycle_after=recycle_after, task_timeout_s=task_timeout_s)
     finally:
         feed.close()
         if opened:
@@ -395,7 +423,7 @@ def run_plan(plan: Plan, run: RunFolder, *, actors: int | None = None, chunk_siz
 
 def run_study(trains: list, replan, run: RunFolder, *, actors: int | None = None, chunk_size: int = 4,
               depth: int = 2, options: PipelineOptions = PipelineOptions(), quiet: bool = False,
-              pool=None, recycle_after: int = 0) -> RunSummary:
+              pool=None, recycle_after: int = 0, task_timeout_s: float = 0) -> RunSummary:
     """Train `trains` (TrainRuns) and render their evaluation as each checkpoint appears.
 
     `replan(checkpoints)` returns the evaluation tasks for the checkpoints known so far; it is
@@ -420,7 +448,7 @@ def run_study(trains: list, replan, run: RunFolder, *, actors: int | None = None
     pending = deque(job for job in trains if job.run not in finished)
     pool, opened = _open_pool(pool, actors, len(pending) + 1, options)
     try:
-        _drive(pool, feed, pending, depth, on_checkpoint, recycle_after)
+        _drive(pool, feed, pending, depth, on_checkpoint, recycle_after, task_timeout_s)
     finally:
         feed.close()
         if opened:

@@ -48,10 +48,14 @@ class RenderResult:
 
 
 def _injected_fault() -> None:
-    """SDFARM_FAULT=render makes this process's renders fail as a broken GPU's do. Only the
-    fault-injection tests set it, on one worker, to prove the farm routes around such a worker."""
-    if os.environ.get("SDFARM_FAULT") == "render":
+    """SDFARM_FAULT=render makes this process's renders fail as a broken GPU's do; =hang makes
+    them hang. Only the fault-injection tests set it, on one worker, to prove the farm routes
+    around such a worker."""
+    fault = os.environ.get("SDFARM_FAULT")
+    if fault == "render":
         raise RuntimeError("CUDA error: an illegal memory access was encountered (injected: SDFARM_FAULT)")
+    if fault == "hang":  # a deadlocked driver call: only a timeout gets the worker back
+        time.sleep(3600)
 
 
 def is_black(image) -> bool:

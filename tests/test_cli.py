@@ -123,6 +123,7 @@ def test_driver_killed_9_mid_run_then_resumed_renders_only_what_is_missing(farm_
     out = tmp_path / "out"
     ray_tmp = Path(tempfile.mkdtemp(prefix="sdfarm-kill-"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)  # set by the tests' own ray.init: `farm run` would join that cluster
     command = [sys.executable, "-m", "farm.cli", "run", str(spec), "--out", str(out), "--gpus", "2", "--quiet",
                "--no-dashboard", "--chunk", "2"]
     try:

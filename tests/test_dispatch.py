@@ -213,8 +213,9 @@ def test_a_head_the_farm_starts_listens_on_loopback_only(tmp_path):
         "print(json.dumps({'url': url, 'ips': ips}))\n"
         "ray.shutdown()\n")
     try:
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
-                              env={**os.environ, "RAY_TMPDIR": ray_tmp})
+        env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+        env.pop("RAY_ADDRESS", None)  # the tests' own Ray sets it; this must start a head of its own
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env)
     finally:
         from test_cli import _kill_by_env
 
@@ -225,15 +226,15 @@ def test_a_head_the_farm_starts_listens_on_loopback_only(tmp_path):
     assert answer["url"].startswith("127.0.0.1:") and answer["ips"] == ["127.0.0.1"], answer
 
 
-def _faulty_worker():
-    """A worker whose every render fails as a broken GPU's would (SDFARM_FAULT=render)."""
+def _faulty_worker(fault: str = "render"):
+    """A worker whose every render fails as a broken GPU's would (SDFARM_FAULT=render), or hangs."""
     import os
 
     from farm.actors import worker_class
 
     env = {name: os.environ[name] for name in ("SDFARM_CACHE", "SDFARM_ROOTS") if name in os.environ}
     return worker_class().options(num_gpus=1, num_cpus=0, max_restarts=0, runtime_env={
-        "env_vars": {**env, "HF_HUB_OFFLINE": "1", "SDFARM_FAULT": "render"}}).remote(9, PipelineOptions())
+        "env_vars": {**env, "HF_HUB_OFFLINE": "1", "SDFARM_FAULT": fault}}).remote(9, PipelineOptions())
 
 
 def test_a_failing_worker_is_blocklisted_and_the_job_completes_on_the_other(ray_cluster, lora_dir, tmp_path):
@@ -286,3 +287,21 @@ def test_workers_are_recycled_after_n_tasks(ray_cluster, lora_dir, tmp_path):
     assert (summary.ok, summary.failed) == (16, 0)
     assert all(last[key]["pid"] != first[key] for key in first), "each worker was replaced"
     assert all(holds["rendered"] <= 4 for holds in last.values()), "no worker rendered more than 4 in a row"
+
+
+def test_a_hung_worker_is_timed_out_and_its_tasks_render_elsewhere(ray_cluster, lora_dir, tmp_path):
+    import ray
+
+    from farm.actors import start_workers
+
+    plan = demo_plan(lora_dir, lora=["none"], seed=list(range(12)))
+    good, hung = start_workers(1, PipelineOptions(), use_gpus=True)[0], _faulty_worker("hang")
+    started = time.perf_counter()
+    try:
+        summary = run_plan(plan, RunFolder(tmp_path), chunk_size=1, quiet=True, pool=[good, hung],
+                           task_timeout_s=5)
+    finally:
+        ray.kill(good)
+        ray.kill(hung)
+    assert (summary.ok, summary.failed) == (12, 0), summary.errors
+    assert time.perf_counter() - started < 90
