@@ -134,7 +134,8 @@ def cmd_run(args) -> int:
     else:  # plan (and fix -1 seeds) before starting anything
         plan = plan_job(args.job, _spec_dir(args), args.source, info.get("seeds"))
         run.save_run_info({"job": plan.job.job, "spec": args.source, "seeds": plan.seeds, "axes": plan.axis_labels})
-    started_ray = connect(args.address, args.gpus, dashboard=not args.no_dashboard, allow_open=args.allow_open_cluster)
+    started_ray = connect(args.address, args.gpus, dashboard=not args.no_dashboard, allow_open=args.allow_open_cluster,
+                          local=args.local)
     pool = None if started_ray else _open_shared_pool(args, options)
     try:
         if pool is not None and not training:
@@ -312,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_arguments(p)
     p.add_argument("--out", help="run folder (default: runs/<job>); running again resumes")
     p.add_argument("--address", help="Ray address of a cluster (default: a running one, else local)")
+    p.add_argument("--local", action="store_true", help="start a Ray of this run's own even if one runs "
+                   "on this machine (default: join it and share its warm pool)")
     p.add_argument("--actors", type=int, help="workers (default: one per GPU)")
     p.add_argument("--gpus", type=int, help="logical GPUs of a local Ray started here "
                    "(default: CUDA devices, else CPU cores)")

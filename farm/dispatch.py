@@ -54,8 +54,9 @@ class RunSummary:
 
 
 def connect(address: str | None = None, gpus: int | None = None, dashboard: bool = True,
-            allow_open: bool = False) -> bool:
-    """Join the cluster at `address` (or a running local one); else start a local Ray.
+            allow_open: bool = False, local: bool = False) -> bool:
+    """Join the cluster at `address` (or a running local one); else, or when `local`, start a
+    local Ray of this process's own.
 
     A local Ray on a machine without CUDA declares one logical GPU per CPU core, so render
     actors are placed one per core exactly as they would be one per GPU. Returns True when
@@ -65,7 +66,9 @@ def connect(address: str | None = None, gpus: int | None = None, dashboard: bool
         return False
     # Joining a cluster keeps its nodes' environment and, inside a submitted job, the job's
     # runtime env (a runtime_env here would replace it, and Ray would delete the job's working dir).
-    try:
+    try:  # "auto" finds a Ray running on this machine (its address file, or its processes)
+        if local:
+            raise ConnectionError("a Ray of this run's own was asked for")
         context = ray.init(address=address or "auto", namespace="sdfarm")
     except ConnectionError:
         if address:

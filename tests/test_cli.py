@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def farm(*args, cwd=ROOT, timeout=600):
-    """`farm ...` in a subprocess with a RAY_TMPDIR of its own: `farm run` must start its own
-    local Ray, not join (and lend its GPUs to the shared pool of) the tests' session cluster."""
+    """`farm ...` in a subprocess with a RAY_TMPDIR of its own (`farm run` is given `--local`: it
+    must not join, and lend its GPUs to the shared pool of, the tests' session cluster)."""
     import tempfile
 
     ray_tmp = tempfile.mkdtemp(prefix="sdfarm-cli-")
@@ -73,7 +73,7 @@ def test_tiny_lora_command_writes_a_loadable_file(farm_cache, tmp_path):
 def test_demo_job_end_to_end(farm_cache, tmp_path):
     """`farm run` then `farm grid` on jobs/demo.yaml, then a second run that resumes."""
     out = tmp_path / "demo"
-    result = farm("run", "jobs/demo.yaml", "--out", out, "--gpus", "2", "--quiet")
+    result = farm("run", "jobs/demo.yaml", "--out", out, "--gpus", "2", "--quiet", "--local")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "28 rendered, 0 failed" in result.stdout
     table = pq.read_table(out / "manifest")
@@ -85,7 +85,7 @@ def test_demo_job_end_to_end(farm_cache, tmp_path):
     pages = sorted((out / "grids").glob("*.png"))
     assert len(pages) == 2  # one per strength
     assert Image.open(pages[0]).size[0] == 128 * 5  # row labels + 4 prompts at the 128 px minimum cell
-    again = farm("run", "jobs/demo.yaml", "--out", out, "--gpus", "2", "--quiet")
+    again = farm("run", "jobs/demo.yaml", "--out", out, "--gpus", "2", "--quiet", "--local")
     assert again.returncode == 0 and "0 rendered, 0 failed, 28 already done" in again.stdout
 
 
@@ -125,7 +125,7 @@ def test_driver_killed_9_mid_run_then_resumed_renders_only_what_is_missing(farm_
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)  # set by the tests' own ray.init: `farm run` would join that cluster
     command = [sys.executable, "-m", "farm.cli", "run", str(spec), "--out", str(out), "--gpus", "2", "--quiet",
-               "--no-dashboard", "--chunk", "2"]
+               "--no-dashboard", "--chunk", "2", "--local"]
     try:
         driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300

@@ -206,7 +206,7 @@ def test_a_head_the_farm_starts_listens_on_loopback_only(tmp_path):
     script = (
         "import json, psutil, ray\n"
         "from farm.dispatch import connect\n"
-        "connect(gpus=1)\n"
+        "connect(gpus=1, local=True)\n"
         "url = ray._private.worker.global_worker.node.address_info['webui_url']\n"
         "port = int(url.rsplit(':', 1)[1])\n"
         "ips = sorted({c.laddr.ip for c in psutil.net_connections('inet') if c.laddr.port == port and c.status == 'LISTEN'})\n"

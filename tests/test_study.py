@@ -193,7 +193,7 @@ def test_subject_lora_study_runs_at_tiny_scale(farm_cache, tmp_path):
 
     out = tmp_path / "study"
     command = [sys.executable, "-m", "farm.cli", "run", "jobs/subject-lora-study/study.yaml", "--scale", "tiny",
-               "--out", str(out), "--gpus", "2", "--quiet"]
+               "--out", str(out), "--gpus", "2", "--quiet", "--local"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = RunFolder(out)
@@ -216,7 +216,7 @@ def test_anime_dreambooth_study_runs_at_tiny_scale(farm_cache, tmp_path):
 
     out = tmp_path / "anime"
     command = [sys.executable, "-m", "farm.cli", "run", "jobs/anime-dreambooth-study/study.yaml", "--scale", "tiny",
-               "--out", str(out), "--gpus", "2", "--quiet", "--no-dashboard"]
+               "--out", str(out), "--gpus", "2", "--quiet", "--no-dashboard", "--local"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = RunFolder(out)
