@@ -34,7 +34,7 @@ from .plan import Plan, Task
 from .render import RenderResult
 
 MAX_ATTEMPTS = 3
-MAX_LOSSES = 10
+MAX_LOSSES = 20
 COLD_FACTOR = 3  # a worker's first chunk may take this many timeouts (it loads its pipeline)
 BLOCK_AFTER = 3  # a worker that fails this many of a job's tasks gets no more of them (Flamenco's rule)
 # a worker that died, or can no longer exist (its node left): its work goes to another

@@ -147,11 +147,12 @@ def test_exactly_once_while_workers_are_killed_9_ten_times(ray_cluster, lora_dir
         while len(kills) < 10 and not stop.is_set():
             time.sleep(chance.uniform(0.3, 1.2))
             try:
-                pid = ray.get(chance.choice(workers).holds.remote(), timeout=30)["pid"]
+                holds = ray.get(chance.choice(workers).holds.remote(), timeout=30)
             except Exception:
                 continue  # restarting: pick again
-            os.kill(pid, signal.SIGKILL)
-            kills.append(pid)
+            if holds["rendered"]:  # at work (a fresh process has rendered nothing yet): kill it now
+                os.kill(holds["pid"], signal.SIGKILL)
+                kills.append(holds["pid"])
 
     thread = threading.Thread(target=killer)
     thread.start()
