@@ -135,7 +135,7 @@ def test_exactly_once_while_workers_are_killed_9_ten_times(ray_cluster, lora_dir
 
     from farm.actors import start_workers
 
-    plan = demo_plan(lora_dir, steps=8, lora=["none", "subject-000001"], seed=list(range(100)))
+    plan = demo_plan(lora_dir, steps=6, lora=["none", "subject-000001"], seed=list(range(100)))
     assert len(plan.tasks) == 200
     run = RunFolder(tmp_path)
     workers = start_workers(2, PipelineOptions(), use_gpus=True)

@@ -140,9 +140,9 @@ def test_a_symlink_out_of_the_allowed_folders_is_refused(tmp_path, lora_dir, mon
 
 @pytest.mark.slow
 def test_500_load_switch_unload_cycles_keep_memory_flat(renderer, reference, tmp_path):
-    """Five LoRAs through a 2-slot adapter cache: every cycle loads one (evicting, i.e.
-    unloading, another), switches to it, and every fifth turns LoRAs off. RSS after warm-up
-    stays within 5 %."""
+    """Five LoRAs through a 4-slot adapter cache: cycles switch between the cached ones, every
+    tenth brings in the fifth (a load that unloads the least recently used, which later loads
+    again), and every seventh turns LoRAs off. RSS after warm-up stays within 5 %."""
     import psutil
 
     from farm.artifacts import sha256_file
@@ -155,11 +155,12 @@ def test_500_load_switch_unload_cycles_keep_memory_flat(renderer, reference, tmp
         path = tmp_path / f"leak{index}.safetensors"
         save_tiny_lora(path, f"leak-{index}")
         loras.append(LoraUse(name=f"leak{index}", path=str(path), sha256=sha256_file(path), strength=0.8))
-    cache = AdapterCache(renderer.pipe, max_adapters=2)
+    cache = AdapterCache(renderer.pipe, max_adapters=4)
     process = psutil.Process()
     try:
         for cycle in range(500):
-            cache.apply([] if cycle % 5 == 4 else [loras[cycle % 5]])
+            lora = loras[4] if cycle % 10 == 9 else loras[cycle % 4]
+            cache.apply([] if cycle % 7 == 6 else [lora])
             if cycle == 49:
                 warm = process.memory_info().rss
         grown = process.memory_info().rss / warm - 1
@@ -168,7 +169,7 @@ def test_500_load_switch_unload_cycles_keep_memory_flat(renderer, reference, tmp
             renderer.pipe.delete_adapters(name)
         renderer.pipe.enable_lora()
         renderer.adapters.active, renderer.adapters.enabled = (), True
-    assert cache.loads >= 400
+    assert cache.loads >= 80  # loads and unloads, not only switches
     assert grown <= 0.05, f"RSS grew {grown:.1%} over 450 cycles"
     task, png = reference
     assert renderer.render(task).png == png  # the renderer is as it was
