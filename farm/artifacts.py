@@ -42,10 +42,16 @@ def inside_roots(given: Path, base: Path, error: type[Exception] = ModelError) -
     except (OSError, ValueError, RuntimeError) as exc:  # NUL bytes, ENAMETOOLONG, symlink loops
         raise error(f"{given!r}: not a usable path ({getattr(exc, 'strerror', None) or exc})") from None
     roots = allowed_roots(base)
-    if not any(path.is_relative_to(root) for root in roots):
+    if not any(path.is_relative_to(root) for root in roots) and not _in_run_folder(path):
         raise error(f"{given}: resolves outside the folders jobs may read ({', '.join(map(str, roots))}); "
                     "add its folder to SDFARM_ROOTS")
     return path
+
+
+def _in_run_folder(path: Path) -> bool:
+    """Inside a run folder the farm made (one with manifest parts): regularization sets and
+    checkpoints the farm itself wrote, wherever --out put them."""
+    return any(next((folder / "manifest").glob("part-*.parquet"), None) is not None for folder in path.parents)
 
 
 def resolve_model(reference: str, base: Path) -> Path:
