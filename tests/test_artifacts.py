@@ -84,3 +84,19 @@ def test_names_and_labels_never_become_paths(jobs_folder, tmp_path, ray_cluster,
     assert not any(p.is_symlink() for p in out.rglob("*"))
     names = {p.name for p in (out / "images").rglob("*.png")}
     assert names == {f"{t.task_id}.png" for t in plan.tasks}
+
+
+def test_run_folders_the_farm_made_are_readable_wherever_they_are(jobs_folder, tmp_path):
+    """Reg sets and checkpoints live in the run folder (`--out`), which may lie outside the
+    allowed folders; a folder that merely looks like one (no manifest parts) is still refused."""
+    from farm.artifacts import inside_roots
+
+    made = tmp_path / "out"
+    (made / "manifest").mkdir(parents=True)
+    (made / "manifest" / "part-20261122T000000-abcd.parquet").write_bytes(b"")
+    (made / "reg" / "detailed" / "kohya").mkdir(parents=True)
+    assert inside_roots(made / "reg" / "detailed" / "kohya", jobs_folder) == (made / "reg" / "detailed" / "kohya")
+    fake = tmp_path / "fake"
+    (fake / "manifest").mkdir(parents=True)
+    with pytest.raises(FarmError, match="outside the folders"):
+        inside_roots(fake / "x", jobs_folder)
