@@ -369,14 +369,17 @@ class SharedPool:
                 self.deadline[name] = now + LEASE_S
         elif ref is self.renewal:
             self.renewal = None
-            for name in ray.get(ref):
-                self.deadline[name] = now + LEASE_S
+            renewed = set(ray.get(ref))
+            for name in self.renewing:  # refused: a more urgent job waits; queue nothing more there
+                if name in self.deadline:
+                    self.deadline[name] = now + LEASE_S if name in renewed else min(self.deadline[name], now)
 
     def sync(self, load: dict, progress: dict) -> None:
         """Renew leases about to run out, give back drained expired ones, report progress."""
         now = time.monotonic()
         soon = [n for n in self.handles if n not in self.pinned and self.deadline[n] - now < LEASE_S / 2]
         if soon and self.renewal is None:
+            self.renewing = soon
             self.renewal = self.keeper.renew.remote(self.key, soon)
         done = [n for n in self.handles if n not in self.pinned and not load.get(n)
                 and (self.deadline[n] <= now or n in self.blocked)]
@@ -385,8 +388,10 @@ class SharedPool:
             for name in done:
                 del self.handles[name], self.deadline[name]
         if self.standing_ref is not None and ray.wait([self.standing_ref], timeout=0)[0]:
-            self.standing = ray.get(self.standing_ref)
-            self.standing_ref = None
+            standing, self.standing_ref = ray.get(self.standing_ref), None
+            if standing != self.standing:  # paused or released: say so in the log at once
+                self.printed = 0.0
+            self.standing = standing
         progress.update(self.standing)
         if now - self.reported > 2.0 and self.standing_ref is None:
             self.standing_ref = self.keeper.report.remote(self.key, progress)

@@ -124,18 +124,18 @@ def test_jobs_share_one_warm_pool_across_nodes_and_land_on_the_head(service, lor
 
 def test_higher_priority_job_takes_the_pool_first(service, lora_dir, tmp_path):
     loras = sorted(lora_dir.glob("*.safetensors"))[:2]
-    low = submit(service, write_job(tmp_path, "prio-low", loras, 100), "--priority", "0")
+    low = submit(service, write_job(tmp_path, "prio-low", loras, 100, steps=8), "--priority", "0")
     service.wait_for(lambda: len(images(service, "prio-low")) >= 8, what="the low job to render")
-    high = submit(service, write_job(tmp_path, "prio-high", loras, 24, first_seed=500), "--priority", "5")
+    high = submit(service, write_job(tmp_path, "prio-high", loras, 24, first_seed=500, steps=8), "--priority", "5")
     assert wait_done(service, high) == "SUCCEEDED"
     assert wait_done(service, low) == "SUCCEEDED"
     high_rows = rows(service, "prio-high")
     begin = min(r["started_at"] for r in high_rows)
     end = max(r["started_at"] for r in high_rows)
     low_during = [r for r in rows(service, "prio-low") if begin < r["started_at"] < end]
-    # FIFO sharing would interleave about half; with priority only chunks already queued
-    # when the high job arrived (and the high job's last chunks' tail) overlap
-    assert len(low_during) <= 12, f"{len(low_during)} low-priority renders ran during the high job"
+    # FIFO sharing would render about as many low as high images meanwhile; with priority only
+    # the chunks the low job had queued, and at most one lease renewal's worth, overlap
+    assert len(low_during) < len(high_rows) / 2, f"{len(low_during)} low-priority renders ran during the high job"
     assert len(high_rows) == 48
 
 
@@ -150,8 +150,8 @@ def test_pause_resume_cancel_and_resubmit(service, lora_dir, tmp_path):
     time.sleep(4)
     assert len(images(service, "ctl")) == held, "a paused job went on rendering"
     assert status(service, job) == "RUNNING"
-    jobs = service.farm("jobs").stdout
-    assert "(paused)" in next(l for l in jobs.splitlines() if l.startswith(job))
+    service.wait_for(lambda: "(paused)" in next(l for l in service.farm("jobs").stdout.splitlines()
+                                                if l.startswith(job)), timeout=30, what="`farm jobs` to say paused")
 
     assert service.farm("resume", job).returncode == 0
     service.wait_for(lambda: len(images(service, "ctl")) > held, what="the resumed job to render")
