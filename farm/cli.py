@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .errors import FarmError
-from .jobqueue import DEFAULT_ADDRESS
+from .jobqueue import DEFAULT_ADDRESS, duration
 
 # Per model call at 1 megapixel on an RTX 2060 laptop: the seed's 70 s for 20 steps of a
 # two-call sampler at 1024². Only for `farm plan`'s rough estimate.
@@ -26,11 +26,6 @@ def estimate_s(tasks) -> float:
         calls = 2 if any(s in fold(task.sampler) for s in _TWO_CALL_SAMPLERS) else 1
         total += task.steps * calls * task.width * task.height / 1024**2 * _SECONDS_PER_CALL_MP
     return total
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _spec_dir(args) -> Path:
@@ -74,7 +69,7 @@ def cmd_plan(args) -> int:
     done = run.done_ids()
     left = [t for t in tasks if t.task_id not in done]
     print(f"  in {run.root}: {len(tasks) - len(left)} already ok, {len(left)} to render")
-    print(f"  est. time: {_hms(estimate_s(left) / args.gpus)} on {args.gpus} RTX 2060-class GPU(s) "
+    print(f"  est. time: {duration(estimate_s(left) / args.gpus)} on {args.gpus} RTX 2060-class GPU(s) "
           f"({_SECONDS_PER_CALL_MP} s per model call per megapixel; your GPU will differ)")
     return 0
 
@@ -176,9 +171,9 @@ def cmd_submit(args) -> int:
     from . import jobqueue
 
     passed = []
-    for flag in ("device", "chunk"):
+    for flag in ("device", "chunk", "recycle_after"):
         if getattr(args, flag) is not None:
-            passed += [f"--{flag}", str(getattr(args, flag))]
+            passed += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     submission_id = jobqueue.submit(args.address, args.spec, args.job.job, overrides=args.override,
                                     scale=args.scale, priority=args.priority, out=args.out_on_head,
                                     pipeline_args=passed)
@@ -346,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "$SDFARM_RUNS defaulting to ~/sdfarm/runs)")
     p.add_argument("--device", help="cuda, cpu, ... for the job's workers")
     p.add_argument("--chunk", type=int, help="tasks per worker call")
+    p.add_argument("--recycle-after", type=int, metavar="N", help="replace a pool worker by a fresh process "
+                   "after N of this job's images")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("jobs", help="the cluster's farm jobs: state, progress, ETA, priority")
@@ -367,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pool)
 
     p = sub.add_parser("control", help="(run on the head by pause/resume/pool)")  # runs on the head inside a control job
-    p.add_argument("action", choices=["pause", "resume", "cancel", "pool"])
+    p.add_argument("action", choices=["pause", "resume", "pool"])
     p.add_argument("key", nargs="?", default="")
     p.set_defaults(func=cmd_control)
 

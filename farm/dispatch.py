@@ -26,7 +26,7 @@ import ray
 from ray.exceptions import ActorUnschedulableError, RayActorError, RayTaskError
 
 from .metrics import farm_metrics
-from .errors import FarmError
+from .errors import FarmError, first_line
 from .manifest import ManifestWriter, RunFolder
 from .pipeline import PipelineOptions
 from .pool import PrivatePool
@@ -267,8 +267,8 @@ def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None, rec
     one when it has no render chunk in flight), render chunks by affinity otherwise. Checkpoints
     stream back while a run trains, and `on_checkpoint` may queue renders for them at once.
     `pool` (pool.PrivatePool or pool.SharedPool) says which workers this job may use now.
-    `recycle_after`: replace a worker by a fresh process after it rendered that many tasks
-    (like Ray's max_calls: memory that grows anyway is given back), between chunks.
+    `recycle_after`: replace a worker by a fresh process once it was sent that many tasks and
+    finished them (like Ray's max_calls: memory that grows anyway is given back).
     `task_timeout_s`: a worker whose current chunk takes longer than this per task is killed
     (Ray restarts it) and the chunk goes to the queue again, counted as a failure of that worker."""
     renders: dict = {}  # ref → (worker, chunk)
@@ -278,13 +278,22 @@ def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None, rec
     busy_training: set = set()
 
     rendered: dict = {}  # worker → tasks since it started
+    sent: dict = {}  # worker → tasks sent to its current process (for recycle_after)
     busy_since: dict = {}  # worker → when its oldest chunk in flight started (roughly)
+
+    def due_for_recycling(key) -> bool:
+        return bool(recycle_after) and pool.recycles and sent.get(key, 0) >= recycle_after
 
     def fill(key) -> None:
         if key in busy_training:
             return
-        if recycle_after and rendered.get(key, 0) >= recycle_after and not load.get(key) and pool.recycle(key):
-            rendered[key] = 0
+        if due_for_recycling(key):
+            if load.get(key) or not (feed.queue or trains):
+                return  # let it finish what it has, then replace it (if there is more to do)
+            pool.recycle(key)
+            sent[key] = rendered[key] = 0
+            if key not in pool.usable():  # a shared pool's worker comes back when the keeper has replaced it
+                return
         worker = pool.handles[key]
         if trains and not load.get(key) and pool.can_train(key):
             job = trains.popleft()
@@ -293,7 +302,7 @@ def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None, rec
             training[generator] = (key, job)
             busy_training.add(key)
             return
-        while load.get(key, 0) < depth:
+        while load.get(key, 0) < depth and not due_for_recycling(key):
             chunk = feed.queue.take(key)
             if chunk is None:
                 return
@@ -301,6 +310,7 @@ def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None, rec
             name = chunk[0].title if len(chunk) == 1 else f"{chunk[0].title} (+{len(chunk) - 1})"
             ref = worker.render_batch.options(name=name[:80]).remote(chunk, pool.source())
             renders[ref] = (key, chunk)
+            sent[key] = sent.get(key, 0) + len(chunk)
             if not load.get(key):
                 busy_since[key] = time.monotonic()
             load[key] = load.get(key, 0) + 1
@@ -336,11 +346,11 @@ def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None, rec
                     if train_attempts[job.run] < MAX_ATTEMPTS:
                         trains.appendleft(job)
                     else:
-                        feed.summary.failed_runs.append(f"{job.run}: worker died {MAX_ATTEMPTS} times: {_first_line(exc)}")
+                        feed.summary.failed_runs.append(f"{job.run}: worker died {MAX_ATTEMPTS} times: {first_line(exc)}")
                     continue
                 except RayTaskError as exc:  # the run itself failed (bad data, bad options): others go on
                     end_training(ref, key)
-                    feed.summary.failed_runs.append(f"{job.run}: {_first_line(exc.cause or exc)}")
+                    feed.summary.failed_runs.append(f"{job.run}: {first_line(exc.cause or exc)}")
                     continue
                 if on_checkpoint:
                     on_checkpoint(checkpoint)
@@ -360,7 +370,7 @@ def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None, rec
                 if key in pool.handles:  # stop sending it work; a restarted worker comes back through the pool
                     pool.lost(key)
             except RayTaskError as exc:  # the worker itself broke on this chunk: fail its tasks, go on
-                results = [RenderResult(task=t, status="failed", error=_first_line(exc.cause or exc)) for t in chunk]
+                results = [RenderResult(task=t, status="failed", error=first_line(exc.cause or exc)) for t in chunk]
             for result in results:
                 if result.status == "failed" and result.retryable and feed.retry_elsewhere(result, key):
                     if feed.worker_failed(key) and pool.block(key):
@@ -472,13 +482,9 @@ def _requeue_lost(chunk: list[Task], worker, queue: AffinityQueue, lost_on: dict
         losses.append(worker)
         if len(set(losses)) >= MAX_ATTEMPTS or len(losses) >= MAX_LOSSES:
             record(RenderResult(task=task, status="failed",
-                                error=f"lost with its worker {len(losses)} times: {_first_line(exc)}"))
+                                error=f"lost with its worker {len(losses)} times: {first_line(exc)}"))
         else:
             retry.append(task)
     if retry:
         queue.put_back(retry)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines() or [type(exc).__name__])[0][:300]

@@ -33,3 +33,8 @@ class SamplerError(FarmError):
 
 class ManifestError(FarmError):
     pass
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line for a row, a log or the CLI (a worker's traceback stays in its log)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

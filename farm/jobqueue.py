@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import FarmError
+from .errors import FarmError, first_line
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PROGRESS_MARK = "sdfarm-progress "
@@ -40,7 +40,7 @@ def client(address: str | None):
     try:
         return JobSubmissionClient(address)
     except Exception as exc:  # connection refused, auth failure, not a Ray dashboard
-        raise FarmError(f"--address {address}: no Ray Jobs API there ({_first_line(exc)}); "
+        raise FarmError(f"--address {address}: no Ray Jobs API there ({first_line(exc)}); "
                         "start the cluster (`ray up cluster.yaml`) and forward it (`ray dashboard cluster.yaml`)") from None
 
 
@@ -95,7 +95,7 @@ def _submit(jobs, retry_s: float = 60, **request) -> None:
             return
         except RuntimeError as exc:
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise FarmError(f"submitting {request['submission_id']}: {_first_line(exc)}") from None
+                raise FarmError(f"submitting {request['submission_id']}: {first_line(exc)}") from None
             time.sleep(1)
 
 
@@ -120,7 +120,7 @@ def describe(job, progress: dict) -> str:
     if progress:
         counts = f"{progress['done']}/{progress['total']} done, {progress['failed']} failed"
         eta = progress.get("eta_s")
-        counts += f", ETA {_duration(eta)}" if eta and state == "RUNNING" else ""
+        counts += f", ETA {duration(eta)}" if eta and state == "RUNNING" else ""
         if progress.get("paused"):
             state += " (paused)"
     else:
@@ -128,7 +128,8 @@ def describe(job, progress: dict) -> str:
     return f"{job.submission_id}  {state:<10} priority {meta.get('priority', '0'):>3}  {meta.get('job', '')}: {counts}"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """4m05s, 2h10m: for ETAs and estimates."""
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
@@ -184,10 +185,6 @@ def resume(address: str | None, submission_id: str) -> str:
     return new_id
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-
-
 def run_control(action: str, key: str) -> dict:
     """On the head, inside a control job: act on the pool's keeper."""
     import ray
@@ -202,8 +199,6 @@ def run_control(action: str, key: str) -> dict:
         return {"found": False, "workers": {}, "jobs": {}}
     if action in ("pause", "resume"):
         return {"found": ray.get(keeper.pause.remote(key, action == "pause"))}
-    if action == "cancel":
-        return {"found": ray.get(keeper.cancel.remote(key))}
     if action == "pool":
         return ray.get(keeper.status.remote())
     raise FarmError(f"farm control: unknown action {action!r}")

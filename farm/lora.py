@@ -15,7 +15,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import LoraError
+from .errors import LoraError, first_line
 from .plan import LoraUse
 
 
@@ -38,7 +38,7 @@ def read_lora(lora: LoraUse, path: Path | None = None) -> dict:
     try:
         tensors = load_safetensors(data)
     except Exception as exc:  # safetensors raises its own error types for each kind of damage
-        raise LoraError(f"{path}: not a readable .safetensors file: {_one_line(exc)}") from None
+        raise LoraError(f"{path}: not a readable .safetensors file: {first_line(exc)}") from None
     if not tensors:
         raise LoraError(f"{path}: holds no tensors (not a LoRA)")
     for key, tensor in tensors.items():
@@ -46,10 +46,6 @@ def read_lora(lora: LoraUse, path: Path | None = None) -> dict:
             raise LoraError(f"{path}: tensor {key[:80]} is {str(tensor.dtype).removeprefix('torch.')}; "
                             "LoRA weights are floating point (not a LoRA?)")
     return tensors
-
-
-def _one_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 class AdapterCache:
@@ -95,7 +91,7 @@ class AdapterCache:
         except Exception as exc:  # diffusers/peft: wrong base model, bad keys or shapes
             self._forget_partial(name)
             raise LoraError(f"{lora.path}: cannot apply to this model (a LoRA for another base model, "
-                            f"or damaged): {_one_line(exc)}") from None
+                            f"or damaged): {first_line(exc)}") from None
         self.loaded[name] = lora
         self.loads += 1
 

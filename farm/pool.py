@@ -45,7 +45,6 @@ class _Job:
     seq: int
     want: int = 0
     paused: bool = False
-    cancelled: bool = False
     granted: list = field(default_factory=list)
     blocked: set = field(default_factory=set)
     progress: dict = field(default_factory=dict)
@@ -69,16 +68,24 @@ class PoolKeeper:
 
     # --- the driver's side ------------------------------------------------------------------
 
-    async def acquire(self, key: str, priority: int, want: int) -> list[tuple[str, object, str]]:
-        """Wait until this job may have up to `want` more workers; [] when it was cancelled/ended."""
+    async def acquire(self, key: str, priority: int, want: int) -> dict:
+        """Wait until this job may have up to `want` more workers.
+
+        Answers {"granted": [(name, handle, node)], "eligible": n}: nothing granted when the
+        job ended, or when none of the cluster's workers may serve it (n == 0: each failed
+        BLOCK_AFTER of its tasks), so its driver fails what is left instead of waiting forever.
+        `eligible` is None while the cluster has no worker at all."""
         job = self._job(key, priority)
         job.want = want
         while True:
             self._refresh()
             self._assign()
-            if job.granted or job.cancelled or self.jobs.get(key) is not job:
+            # resting workers come back; with no worker at all, wait for nodes to join
+            eligible = len(set(self.node_of) - job.blocked) if self.node_of else None
+            if job.granted or eligible == 0 or self.jobs.get(key) is not job:
                 granted, job.granted, job.want = job.granted, [], 0
-                return [(name, self.workers[name], self.node_of[name]) for name in granted if name in self.workers]
+                return {"granted": [(name, self.workers[name], self.node_of[name])
+                                    for name in granted if name in self.workers], "eligible": eligible}
             job.event.clear()
             try:
                 await asyncio.wait_for(job.event.wait(), REFRESH_S)
@@ -88,7 +95,7 @@ class PoolKeeper:
     def renew(self, key: str, names: list[str]) -> list[str]:
         """Extend the leases no more urgent job waits for; the rest run out."""
         job = self.jobs.get(key)
-        if job is None or job.paused or job.cancelled:
+        if job is None or job.paused:
             return []
         job.seen = time.monotonic()
         if any(other.want > 0 and not other.paused and other.key != key and other.priority >= job.priority
@@ -118,6 +125,24 @@ class PoolKeeper:
         if self.held.get(name, ("",))[0] == key:
             self.held[name] = (key, None if pinned else time.monotonic() + LEASE_S)
 
+    async def recycle(self, key: str, name: str):
+        """Replace a worker this job holds by a fresh process of the same name (memory that grew
+        anyway goes with the old one; `farm run --recycle-after N`). Returns the new handle, or
+        None when the job no longer holds it. The lease stays the job's meanwhile."""
+        if self.held.get(name, ("",))[0] != key or name not in self.workers:
+            return None
+        ray.kill(self.workers[name], no_restart=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the name is free once the old process is gone
+            try:
+                ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                break
+            await asyncio.sleep(0.2)
+        index = int(name.rsplit("-", 1)[1])
+        self.workers[name] = start_pool_worker(name, self.node_of[name], index, self.options)
+        return self.workers[name]
+
     def lost(self, name: str) -> None:
         """A driver saw this worker die or become unreachable: lend it to nobody for `REST_S`,
         then look it up again (restarted by Ray, or started anew if it is dead), unless its node
@@ -133,7 +158,7 @@ class PoolKeeper:
             return {}
         job.seen = time.monotonic()
         job.progress = progress
-        return {"paused": job.paused, "cancelled": job.cancelled}
+        return {"paused": job.paused}
 
     def finish(self, key: str) -> None:
         """The job's driver is done: its workers and its place in the queue go."""
@@ -152,13 +177,6 @@ class PoolKeeper:
         self._wake()
         return True
 
-    def cancel(self, key: str) -> bool:
-        job = self.jobs.get(key)
-        if job is not None:
-            job.cancelled = True
-            job.event.set()
-        return job is not None
-
     async def status(self) -> dict:
         """Workers (with what each holds and has done) and jobs, for `farm pool` / `farm jobs`."""
         self._refresh(force=True)
@@ -169,7 +187,7 @@ class PoolKeeper:
             except Exception as exc:  # a dead or still-starting worker still shows
                 holds = {"error": type(exc).__name__}
             workers[name] = {**holds, "held_by": self.held.get(name, ("",))[0]}
-        jobs = {key: {"priority": job.priority, "paused": job.paused, "cancelled": job.cancelled,
+        jobs = {key: {"priority": job.priority, "paused": job.paused,
                       "waiting_for": job.want, **job.progress} for key, job in self.jobs.items()}
         return {"workers": workers, "jobs": jobs}
 
@@ -226,7 +244,7 @@ class PoolKeeper:
     def _assign(self) -> None:
         now = time.monotonic()
         free = [name for name in self.workers if name not in self.held]
-        waiting = sorted((j for j in self.jobs.values() if j.want > 0 and not j.paused and not j.cancelled),
+        waiting = sorted((j for j in self.jobs.values() if j.want > 0 and not j.paused),
                          key=lambda j: (-j.priority, j.seq))
         for job in waiting:
             while job.want > 0 and (eligible := [n for n in free if n not in job.blocked]):
@@ -268,14 +286,15 @@ class PrivatePool:
         pool.options, pool.use_gpus = options, use_gpus
         return pool
 
-    def recycle(self, key) -> bool:
-        """Replace a worker by a fresh process (memory that grew anyway goes with the old one);
-        only for workers this pool started."""
-        if not self.owned:
-            return False
+    @property
+    def recycles(self) -> bool:
+        """Only workers this pool started are replaced (`recycle`)."""
+        return self.owned
+
+    def recycle(self, key) -> None:
+        """Replace a worker by a fresh process (memory that grew anyway goes with the old one)."""
         ray.kill(self.handles[key])
         self.handles[key] = start_workers(1, self.options, self.use_gpus)[0]
-        return True
 
     def usable(self) -> list:
         return [key for key in self.handles if key not in self.blocked]
@@ -332,6 +351,8 @@ class SharedPool:
         self.renewing: list[str] = []
         self.offered: set[str] = set()
         self.blocked: set[str] = set()
+        self.eligible = 1  # workers of the cluster this job may still use, as the keeper last said
+        self.recycling: dict = {}  # keeper's answer → worker being replaced by a fresh process
         self._source = None
         self.reported = 0.0
         self.standing: dict = {}
@@ -340,8 +361,8 @@ class SharedPool:
 
     def usable(self) -> list[str]:
         now = time.monotonic()
-        return [name for name in self.handles
-                if name not in self.blocked and (name in self.pinned or self.deadline[name] > now)]
+        return [name for name in self.handles if name not in self.blocked and name not in self.recycling.values()
+                and (name in self.pinned or self.deadline[name] > now)]
 
     def block(self, name: str) -> bool:
         """This job takes no more tasks to `name`: its lease runs out and it is not asked for again."""
@@ -350,20 +371,24 @@ class SharedPool:
         return True
 
     def all_blocked(self) -> bool:
-        return False  # other workers may join the cluster
+        """Every worker of the cluster failed too many of this job's tasks (a node that joins
+        later does not help this run; resume the job then)."""
+        return self.eligible == 0
 
     def want(self, count: int) -> None:
         if count > 0 and self.request is None:
             self.request = self.keeper.acquire.remote(self.key, self.priority, count)
 
     def waitables(self) -> list:
-        return [ref for ref in (self.request, self.renewal) if ref is not None]
+        return [ref for ref in (self.request, self.renewal, *self.recycling) if ref is not None]
 
     def on_ready(self, ref) -> None:
         now = time.monotonic()
         if ref is self.request:
             self.request = None
-            for name, handle, node_id in ray.get(ref):
+            answer = ray.get(ref)
+            self.eligible = answer["eligible"]
+            for name, handle, node_id in answer["granted"]:
                 self.handles[name] = handle
                 self.node_of[name] = node_id
                 self.deadline[name] = now + LEASE_S
@@ -373,6 +398,10 @@ class SharedPool:
             for name in self.renewing:  # refused: a more urgent job waits; queue nothing more there
                 if name in self.deadline:
                     self.deadline[name] = now + LEASE_S if name in renewed else min(self.deadline[name], now)
+        elif ref in self.recycling:
+            name, handle = self.recycling.pop(ref), ray.get(ref)
+            if handle is not None and name in self.handles:
+                self.handles[name] = handle
 
     def sync(self, load: dict, progress: dict) -> None:
         """Renew leases about to run out, give back drained expired ones, report progress."""
@@ -403,8 +432,11 @@ class SharedPool:
     def source(self):
         return self._source
 
-    def recycle(self, name: str) -> bool:
-        return False  # the pool's workers live across jobs; the keeper would have to restart them
+    recycles = True
+
+    def recycle(self, name: str) -> None:
+        """Have the keeper replace this worker by a fresh process; it takes no work meanwhile."""
+        self.recycling[self.keeper.recycle.remote(self.key, name)] = name
 
     def offer(self, chunk) -> None:
         """Let workers on other nodes fetch this chunk's LoRAs from this node."""

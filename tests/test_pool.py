@@ -122,6 +122,20 @@ def test_jobs_share_one_warm_pool_across_nodes_and_land_on_the_head(service, lor
     assert "SUCCEEDED" in line and "12/12 done" in line
 
 
+def test_recycle_after_replaces_pool_workers_by_fresh_processes(service, lora_dir, tmp_path):
+    loras = sorted(lora_dir.glob("*.safetensors"))[:2]
+    before = pool(service)["workers"]
+    job = submit(service, write_job(tmp_path, "recycled", loras, 10), "--recycle-after", "4", "--chunk", "2")
+    assert wait_done(service, job) == "SUCCEEDED", service.farm("logs", job).stdout[-3000:]
+    table = rows(service, "recycled")
+    assert len(table) == 20 and {r["status"] for r in table} == {"ok"}
+    after = pool(service)["workers"]
+    assert set(after) == set(before), "the pool keeps its workers' names"
+    assert all(after[name]["pid"] != before[name]["pid"] for name in after), "each worker was replaced"
+    assert all(w["rendered"] <= 4 for w in after.values()), "a worker process rendered more than 4"
+    assert all(w["pipeline_loads"] <= 1 for w in after.values())
+
+
 def test_higher_priority_job_takes_the_pool_first(service, lora_dir, tmp_path):
     loras = sorted(lora_dir.glob("*.safetensors"))[:2]
     low = submit(service, write_job(tmp_path, "prio-low", loras, 100, steps=8), "--priority", "0")
@@ -236,3 +250,40 @@ def test_metrics_reach_the_dashboards_metrics_endpoint(service):
     rendered = [l for l in text.splitlines() if l.startswith("ray_sdfarm_images_rendered")]
     assert any('job="warm-a"' in l and 'status="ok"' in l and not l.rstrip().endswith(" 0.0") for l in rendered)
     assert any(l.startswith("ray_sdfarm_image_seconds_bucket") for l in text.splitlines())
+
+
+def test_a_job_no_pool_worker_may_serve_fails_fast_and_resumes_on_a_good_node(farm_cache, tiny_model, lora_dir,
+                                                                             tmp_path):
+    """A cluster whose only GPU fails every render (a broken card): the job's tasks fail there
+    3 times, the worker is blocklisted for the job, and with no eligible worker left the job
+    ends with that message instead of waiting. A good node joins; the resumed job finishes there
+    while the bad worker stays blocklisted."""
+    root = Path(tempfile.mkdtemp(prefix="sdfarm-bad-"))
+    cluster = LocalCluster(root, farm_cache)
+    try:
+        cluster.start_head(gpus=1, cpus=2, env={"SDFARM_FAULT": "render"})
+        loras = sorted(lora_dir.glob("*.safetensors"))[:1]
+        job = submit(cluster, write_job(tmp_path, "broken", loras, 8))
+        started = time.monotonic()
+        assert wait_done(cluster, job, timeout=120) == "FAILED"
+        assert time.monotonic() - started < 100
+        logs = cluster.farm("logs", job).stdout
+        assert "no eligible worker left" in logs, logs[-3000:]
+        table = rows(cluster, "broken")
+        assert {r["status"] for r in table} == {"failed"} and len(table) == 8
+        assert not images(cluster, "broken")
+
+        cluster.add_node(gpus=1, cpus=1, name="good")
+        again = cluster.farm("resume", job).stdout.strip().splitlines()[-1]
+        assert wait_done(cluster, again) == "SUCCEEDED", cluster.farm("logs", again).stdout[-3000:]
+        table = rows(cluster, "broken")
+        ok = [r for r in table if r["status"] == "ok"]
+        assert len(ok) == 8 and len({r["task_id"] for r in ok}) == 8
+        workers = list(pool(cluster)["workers"].values())
+        bad = [w for w in workers if w["failed"]]
+        assert len(workers) == 2 and len(bad) == 1 and bad[0]["rendered"] == 0, workers
+        assert sum(w["rendered"] for w in workers) == 8
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    assert not cluster.processes(), "a process of the test cluster outlived it"
