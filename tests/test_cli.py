@@ -10,6 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from local_cluster import kill_marked
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,7 +27,7 @@ def farm(*args, cwd=ROOT, timeout=600):
         return subprocess.run([sys.executable, "-m", "farm.cli", *map(str, args)], cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=timeout)
     finally:
-        _kill_by_env(f"RAY_TMPDIR={ray_tmp}")
+        kill_marked(f"RAY_TMPDIR={ray_tmp}".encode())
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
@@ -134,7 +136,7 @@ def test_driver_killed_9_mid_run_then_resumed_renders_only_what_is_missing(farm_
         assert driver.poll() is None, "the run ended before half way: make it longer"
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-        _kill_by_env(f"RAY_TMPDIR={ray_tmp}")  # the local Ray it started dies with it, as a crash would leave it
+        kill_marked(f"RAY_TMPDIR={ray_tmp}".encode())  # the local Ray it started dies with it, as a crash would leave it
         committed = {r["task_id"]: r["image_sha256"] for r in pq.read_table(out / "manifest").to_pylist()}
         before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*.png")}
         assert 0 < len(committed) <= len(before) < 120
@@ -142,7 +144,7 @@ def test_driver_killed_9_mid_run_then_resumed_renders_only_what_is_missing(farm_
         assert again.returncode == 0, again.stderr[-2000:]
         assert f"{120 - len(committed)} rendered, 0 failed, {len(committed)} already done of 120" in again.stdout
     finally:
-        _kill_by_env(f"RAY_TMPDIR={ray_tmp}")
+        kill_marked(f"RAY_TMPDIR={ray_tmp}".encode())
         shutil.rmtree(ray_tmp, ignore_errors=True)
     rows = pq.read_table(out / "manifest").to_pylist()
     assert len(rows) == 120 and len({r["task_id"] for r in rows}) == 120  # no duplicates, even in raw parts
@@ -151,14 +153,3 @@ def test_driver_killed_9_mid_run_then_resumed_renders_only_what_is_missing(farm_
     assert all(r["image_sha256"] == committed[r["task_id"]] for r in rows if r["task_id"] in committed)
     assert not [p for p in out.rglob("*") if p.name.startswith(".")], "temp files left behind"
 
-
-def _kill_by_env(mark: str) -> None:
-    import signal
-
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if mark.encode() in (proc / "environ").read_bytes().split(b"\0"):
-                    os.kill(int(proc.name), signal.SIGKILL)
-            except OSError:
-                pass

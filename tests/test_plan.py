@@ -61,6 +61,10 @@ def test_tasks_are_grouped_by_lora_in_spec_order(lora_dir, tiny_model):
     assert all(groups[i] == groups[i + 1] for i in (0, 1, 3, 4, 6, 7))  # three runs of three
     assert [t.loras[0].name if t.loras else "none" for t in plan.tasks[::3]] == [
         "subject-000001", "none", "subject-000002"]
+    # within a group, grid order; the grid's axes keep the spec's label order
+    assert [t.prompt for t in plan.tasks[:3]] == ["a", "b", "c"]
+    assert all(plan.tasks[i].order < plan.tasks[i + 1].order for i in (0, 1, 3, 4, 6, 7))
+    assert plan.axis_labels == {"": {"prompt": ["a", "b", "c"], "lora": ["subject-000001", "none", "subject-000002"]}}
 
 
 def test_zip_advances_axes_together(lora_dir, tiny_model):
