@@ -218,9 +218,9 @@ def test_a_head_the_farm_starts_listens_on_loopback_only(tmp_path):
         env.pop("RAY_ADDRESS", None)  # the tests' own Ray sets it; this must start a head of its own
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env)
     finally:
-        from test_cli import _kill_by_env
+        from local_cluster import kill_marked
 
-        _kill_by_env(f"RAY_TMPDIR={ray_tmp}")
+        kill_marked(f"RAY_TMPDIR={ray_tmp}".encode())
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-2000:]
     answer = json.loads(done.stdout.strip().splitlines()[-1])
