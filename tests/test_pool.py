@@ -125,10 +125,10 @@ def test_jobs_share_one_warm_pool_across_nodes_and_land_on_the_head(service, lor
 def test_recycle_after_replaces_pool_workers_by_fresh_processes(service, lora_dir, tmp_path):
     loras = sorted(lora_dir.glob("*.safetensors"))[:2]
     before = pool(service)["workers"]
-    job = submit(service, write_job(tmp_path, "recycled", loras, 10), "--recycle-after", "4", "--chunk", "2")
+    job = submit(service, write_job(tmp_path, "recycled", loras, 8), "--recycle-after", "4", "--chunk", "2")
     assert wait_done(service, job) == "SUCCEEDED", service.farm("logs", job).stdout[-3000:]
     table = rows(service, "recycled")
-    assert len(table) == 20 and {r["status"] for r in table} == {"ok"}
+    assert len(table) == 16 and {r["status"] for r in table} == {"ok"}
     after = pool(service)["workers"]
     assert set(after) == set(before), "the pool keeps its workers' names"
     assert all(after[name]["pid"] != before[name]["pid"] for name in after), "each worker was replaced"
@@ -155,7 +155,8 @@ def test_higher_priority_job_takes_the_pool_first(service, lora_dir, tmp_path):
 
 def test_pause_resume_cancel_and_resubmit(service, lora_dir, tmp_path):
     loras = sorted(lora_dir.glob("*.safetensors"))[:2]
-    job = submit(service, write_job(tmp_path, "ctl", loras, 200, steps=8))
+    total = 300  # 150 seeds x 2 LoRAs: long enough to pause and cancel mid-run on an idle machine
+    job = submit(service, write_job(tmp_path, "ctl", loras, total // 2, steps=4))
     service.wait_for(lambda: len(images(service, "ctl")) >= 4, what="the job to render")
     paused = service.farm("pause", job)
     assert paused.returncode == 0, paused.stderr
@@ -174,7 +175,7 @@ def test_pause_resume_cancel_and_resubmit(service, lora_dir, tmp_path):
     assert wait_done(service, job, timeout=60) == "STOPPED"
 
     before = {r["task_id"]: r["image_sha256"] for r in rows(service, "ctl")}
-    assert 0 < len(before) < 400
+    assert 0 < len(before) < total
     run = service.root / "runs" / "ctl"
     assert not [p for p in run.rglob("*") if p.name.startswith(".")], "temp files left behind"
     for task_id, sha in before.items():  # every row that was committed has its image
@@ -186,10 +187,10 @@ def test_pause_resume_cancel_and_resubmit(service, lora_dir, tmp_path):
     assert again != job
     assert wait_done(service, again) == "SUCCEEDED"
     after = rows(service, "ctl")
-    assert len(after) == 400 and len({r["task_id"] for r in after}) == 400
+    assert len(after) == total and len({r["task_id"] for r in after}) == total
     assert {r["task_id"]: r["image_sha256"] for r in after if r["task_id"] in before} == before
     logs = service.farm("logs", again).stdout
-    assert f"{len(before)} already done of 400" in logs and f"{400 - len(before)} rendered" in logs
+    assert f"{len(before)} already done of {total}" in logs and f"{total - len(before)} rendered" in logs
 
 
 def test_the_pool_follows_nodes_leaving_and_joining_mid_job(service, lora_dir, tmp_path):

@@ -35,7 +35,7 @@ def test_generated_sets_in_kohya_layout_and_reused(ray_cluster, tmp_path):
     summaries = []
 
     def render(plan, folder):
-        summaries.append(run_plan(plan, folder, quiet=True))
+        summaries.append(run_plan(plan, folder, quiet=True, actors=1))  # 4 images: one worker starts faster than two
         return summaries[-1]
 
     folders = generate_reg_sets(job, tmp_path, tmp_path / "out", render)
