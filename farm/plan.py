@@ -212,15 +212,8 @@ class Expander:
             factors.append(done)
         return factors
 
-    def cells(self, labels: dict[str, dict[str, None]] | None = None):
-        """Yield (settings, cell) for every combination of axis values; `labels` gets each
-        axis's labels in grid order (when there is at least one cell)."""
-        factors = self.factor_values()
-        if labels is not None and all(factors):
-            for values in factors:
-                for part, _, _ in values:
-                    for axis, label in part:
-                        labels.setdefault(axis, {})[label] = None
+    def cells(self, factors: list[list[tuple[Cell, dict, tuple]]]):
+        """Yield (settings, cell) for every combination of the factors' values (`factor_values`)."""
         base = {**self.job.defaults.model_dump(), "model": self.job.model, "model_where": "model",
                 "strength": None, "lora_where": "defaults.lora", "style": None}
         for combo in itertools.product(*factors):
@@ -364,6 +357,16 @@ def plan_job(job: RenderJob, spec_dir: Path, source: str = "<spec>",
             gc.enable()
 
 
+def grid_labels(factors: list[list[tuple[Cell, dict, tuple]]]) -> dict[str, dict[str, None]]:
+    """Each axis's labels in grid order (the order of its values), from `Expander.factor_values`."""
+    labels: dict[str, dict[str, None]] = {}
+    for values in factors:
+        for part, _, _ in values:
+            for axis, label in part:
+                labels.setdefault(axis, {})[label] = None
+    return labels
+
+
 def _plan(job, spec_dir, source, recorded_seeds, hashes, checkpoints) -> Plan:
     by_id: dict[str, Task] = {}
     labels: dict[str, dict[str, dict[str, None]]] = {}
@@ -377,9 +380,9 @@ def _plan(job, spec_dir, source, recorded_seeds, hashes, checkpoints) -> Plan:
         table, used = resolve_seeds(table, recorded)
         seeds.update({prefix + k: v for k, v in used.items()})
         expander = Expander(table, Path(spec_dir), source, hashes)
-        table_labels = {"sweep": {sweep: None}} if sweep else {}
+        factors = expander.factor_values()
         first_cell = cells
-        for settings, cell in expander.cells(table_labels):
+        for settings, cell in expander.cells(factors):
             if sweep:
                 cell = (("sweep", sweep),) + cell
             task = expander.task(settings, cell, cells)
@@ -393,7 +396,7 @@ def _plan(job, spec_dir, source, recorded_seeds, hashes, checkpoints) -> Plan:
             else:
                 by_id[task.task_id] = task
         if cells > first_cell:
-            labels[sweep or ""] = table_labels
+            labels[sweep or ""] = {**({"sweep": {sweep: None}} if sweep else {}), **grid_labels(factors)}
     hashes.save()
     tasks = list(by_id.values())
     groups = [t.group for t in tasks]  # computed once: a property, and a million of them add up
