@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -148,3 +151,17 @@ class LocalCluster:
         mark = f"RAY_TMPDIR={self.tmp}".encode()
         self._kill(mark, signal.SIGTERM, 8.0)
         self._kill(mark, signal.SIGKILL)
+
+
+@contextmanager
+def local_cluster(farm_cache: Path, prefix: str):
+    """A LocalCluster in a temp folder of its own, stopped and removed afterwards; nothing it
+    started may outlive it. The folder is short: Ray's socket paths must fit 107 bytes."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    cluster = LocalCluster(root, farm_cache)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    assert not cluster.processes(), "a process of the test cluster outlived it"

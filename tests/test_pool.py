@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -17,23 +15,17 @@ import pytest
 
 from farm.manifest import RunFolder
 
-from local_cluster import LocalCluster
+from local_cluster import local_cluster
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def service(farm_cache, tiny_model):
-    root = Path(tempfile.mkdtemp(prefix="sdfarm-svc-"))  # short: Ray's socket paths must fit 107 bytes
-    cluster = LocalCluster(root, farm_cache)
-    try:
+    with local_cluster(farm_cache, "sdfarm-svc-") as cluster:
         cluster.start_head(gpus=1, cpus=2)
         cluster.add_node(gpus=1, cpus=1)
         yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
-    assert not cluster.processes(), "a process of the test cluster outlived it"
 
 
 def write_job(folder, name: str, loras: list, seeds: int, first_seed: int = 1, steps: int = 2):
@@ -259,9 +251,7 @@ def test_a_job_no_pool_worker_may_serve_fails_fast_and_resumes_on_a_good_node(fa
     3 times, the worker is blocklisted for the job, and with no eligible worker left the job
     ends with that message instead of waiting. A good node joins; the resumed job finishes there
     while the bad worker stays blocklisted."""
-    root = Path(tempfile.mkdtemp(prefix="sdfarm-bad-"))
-    cluster = LocalCluster(root, farm_cache)
-    try:
+    with local_cluster(farm_cache, "sdfarm-bad-") as cluster:
         cluster.start_head(gpus=1, cpus=2, env={"SDFARM_FAULT": "render"})
         loras = sorted(lora_dir.glob("*.safetensors"))[:1]
         job = submit(cluster, write_job(tmp_path, "broken", loras, 8))
@@ -284,7 +274,3 @@ def test_a_job_no_pool_worker_may_serve_fails_fast_and_resumes_on_a_good_node(fa
         bad = [w for w in workers if w["failed"]]
         assert len(workers) == 2 and len(bad) == 1 and bad[0]["rendered"] == 0, workers
         assert sum(w["rendered"] for w in workers) == 8
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
-    assert not cluster.processes(), "a process of the test cluster outlived it"
