@@ -331,7 +331,7 @@ def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None, rec
         tick = pool.tick if not task_timeout_s else min(pool.tick or 1.0, 1.0)
         ready, _ = ray.wait([*renders, *training, *pool.waitables()], num_returns=1, timeout=tick)
         if task_timeout_s:
-            _stop_overdue(pool, renders, load, busy_since, task_timeout_s, feed, rendered)
+            _stop_overdue(pool, renders, busy_since, task_timeout_s, feed, rendered)
         for ref in ready:
             if ref in training:
                 key, job = training[ref]
@@ -381,16 +381,18 @@ def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None, rec
             feed.fail_queued(f"no eligible worker left: every worker failed {BLOCK_AFTER} tasks of this job")
 
 
-def _stop_overdue(pool, renders: dict, load: dict, busy_since: dict, task_timeout_s: float, feed: _Feed,
+def _stop_overdue(pool, renders: dict, busy_since: dict, task_timeout_s: float, feed: _Feed,
                   rendered: dict) -> None:
     """Kill workers stuck on a chunk (a hung driver call, a deadlocked GPU): Ray restarts them,
     and the chunk's tasks come back through the lost-worker path, to any live worker. A worker
     that has not finished a chunk yet gets COLD_FACTOR times longer: it loads its pipeline first."""
     now = time.monotonic()
-    for key in {key for key, _ in renders.values()}:
-        oldest = next(chunk for k, chunk in renders.values() if k == key)
-        allowed = task_timeout_s * len(oldest) * (1 if rendered.get(key) else COLD_FACTOR)
-        if load.get(key) and now - busy_since.get(key, now) > allowed:
+    oldest: dict = {}  # worker → its oldest chunk in flight (renders keep the order they were sent in)
+    for key, chunk in renders.values():
+        oldest.setdefault(key, chunk)
+    for key, chunk in oldest.items():
+        allowed = task_timeout_s * len(chunk) * (1 if rendered.get(key) else COLD_FACTOR)
+        if now - busy_since.get(key, now) > allowed:
             feed.bar.write(f"worker {key}: no answer in {allowed:.0f} s; restarting it")
             ray.kill(pool.handles[key], no_restart=False)
             busy_since[key] = now  # once per timeout
