@@ -89,11 +89,27 @@ def resolve_lora(reference: str, base: Path) -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+    return file_hashes(path)[0]
+
+
+def file_hashes(path: Path) -> tuple[str, str]:
+    """(sha256 of the file, its AddNet hash), read once. The AddNet hash is the sha256 of what
+    follows a safetensors file's header (8-byte little-endian length, then that many bytes of
+    JSON): the hash A1111 writes as `Lora hashes` and looks LoRAs up by, and sd-scripts'
+    `sshs_model_hash`. It ignores the metadata, so retitling a file keeps it. "" for a file that
+    is not safetensors-shaped."""
+    whole, tensors = hashlib.sha256(), hashlib.sha256()
     with open(path, "rb") as handle:
+        head = handle.read(8)
+        whole.update(head)
+        header_left = int.from_bytes(head, "little") if len(head) == 8 else -1
         for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+            whole.update(block)
+            if header_left >= 0:
+                skip = min(header_left, len(block))
+                header_left -= skip
+                tensors.update(block[skip:])
+    return whole.hexdigest(), tensors.hexdigest() if header_left == 0 else ""
 
 
 def _model_files(folder: Path) -> list[Path]:
@@ -115,16 +131,23 @@ class HashCache:
         self.dirty = False
 
     def file(self, path: Path) -> str:
+        return self._entry(path)["sha256"]
+
+    def addnet(self, path: Path) -> str:
+        """The file's AddNet hash (see `file_hashes`): what A1111 records for a LoRA."""
+        return self._entry(path)["addnet"]
+
+    def _entry(self, path: Path) -> dict:
         stat = path.stat()
         key = str(path.resolve())
         stamp = [stat.st_size, stat.st_mtime_ns]
         entry = self.entries.get(key)
-        if entry and entry["stamp"] == stamp:
-            return entry["sha256"]
-        value = sha256_file(path)
-        self.entries[key] = {"stamp": stamp, "sha256": value}
+        if entry and entry["stamp"] == stamp and "addnet" in entry:
+            return entry
+        sha256, addnet = file_hashes(path)
+        self.entries[key] = entry = {"stamp": stamp, "sha256": sha256, "addnet": addnet}
         self.dirty = True
-        return value
+        return entry
 
     def model(self, path: Path) -> str:
         """A file's sha256, or for a folder the sha256 of its files' relative names and hashes."""

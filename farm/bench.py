@@ -310,7 +310,7 @@ def gpu_mode(model: str, device: str = "cuda", size: int = 1024, steps: int = 20
     for decoding, VAE tiling, model CPU offload) vs plain diffusers defaults (fp32, everything on
     the GPU), and the cached LoRA switch. `device="cpu"` with the tiny model tests this code path."""
     import torch
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_kohya
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -320,10 +320,10 @@ def gpu_mode(model: str, device: str = "cuda", size: int = 1024, steps: int = 20
     from .lora import AdapterCache
     from .pipeline import PipelineOptions, load_pipeline
     from .plan import LoraUse
-    from .samplers import resolve_sampler
 
     def seconds_per_image(pipe) -> float:
-        pipe.scheduler = resolve_sampler("dpmpp_2m_karras").build(pipe.scheduler.config)
+        # a plain diffusers pipeline call is the yardstick here, with its own DPM++ 2M Karras
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
         times = []
         for i in range(repeats + 1):  # the first call warms up (kernels, allocator) and is dropped
             generator = torch.Generator(device="cpu").manual_seed(i)

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import FarmError
+from .errors import FarmError, first_line
 from .jobqueue import DEFAULT_ADDRESS, duration
 
 # Per model call at 1 megapixel on an RTX 2060 laptop: the seed's 70 s for 20 steps of a
@@ -272,6 +272,24 @@ def cmd_grid(args) -> int:
     return 0
 
 
+def cmd_info(args) -> int:
+    """Each PNG's A1111 `parameters` text, as A1111's PNG-info tab shows it."""
+    from .pnginfo import read_png_parameters
+
+    for index, image in enumerate(args.images):
+        path = Path(image)
+        if not path.is_file():
+            raise FarmError(f"{image}: no such image file")
+        try:
+            text = read_png_parameters(path)
+        except OSError as exc:
+            raise FarmError(f"{image}: not a readable image: {first_line(exc)}") from None
+        if len(args.images) > 1:
+            print(("\n" if index else "") + f"{image}:")
+        print(text or "(no parameters)")
+    return 0
+
+
 def cmd_tiny_model(args) -> int:
     from .tiny import save_tiny_model
 
@@ -375,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pages", action="append", help="axis per page (repeatable); other varying axes page too")
     p.add_argument("--cell", type=int, help="cell size in px (default: image width, 128..512)")
     p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("info", help="an image's PNG info (A1111 `parameters`: prompt, sampler, seed, hashes)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("tiny-model", help="build the tiny random-weight SDXL (tests, demo)")
     p.add_argument("dir")

@@ -4,7 +4,8 @@
     ├── SpecError             a job spec is malformed ("jobs/x.yaml: axes.lora[2].strength: ...")
     ├── ModelError            a model folder / checkpoint cannot be used
     ├── LoraError             a LoRA file cannot be used (only its tasks fail)
-    ├── SamplerError          a sampler name has no diffusers scheduler
+    ├── SamplerError          a sampler or schedule the farm cannot run exactly as A1111/ComfyUI do
+    ├── PromptError           a prompt its emphasis syntax cannot read (A1111 fails on it too)
     └── ManifestError         a run folder's manifest cannot be read or written
 
 Anything that is not a FarmError is a bug in the farm and keeps its traceback.
@@ -28,6 +29,10 @@ class LoraError(FarmError):
 
 
 class SamplerError(FarmError):
+    pass
+
+
+class PromptError(FarmError):
     pass
 
 

@@ -42,7 +42,7 @@ SCHEMA = pa.schema([
     ("steps", pa.int32()),
     ("cfg", pa.float64()),
     ("sampler", pa.string()),  # as the user wrote it
-    ("scheduler", pa.string()),  # the diffusers scheduler that ran
+    ("scheduler", pa.string()),  # what ran: k-diffusion sampler and ComfyUI schedule, `dpmpp_2m karras`
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("model", pa.string()),
@@ -64,6 +64,8 @@ SCHEMA = pa.schema([
     ("started_at", _TIME),
     ("finished_at", _TIME),
     ("farm_version", pa.string()),
+    ("noise", pa.string()),  # the seed convention: comfyui | a1111-cpu | a1111-gpu (null: before v2)
+    ("prompt_syntax", pa.string()),  # a1111 | comfyui | plain (null: before v2)
 ])
 
 
@@ -131,7 +133,7 @@ def result_row(result: RenderResult, image_path: str) -> dict:
         "node": result.node, "worker": result.worker, "device": result.device,
         "render_s": result.render_s, "lora_switch_s": result.lora_switch_s,
         "started_at": result.started_at, "finished_at": result.finished_at,
-        "farm_version": __version__,
+        "farm_version": __version__, "noise": task.noise, "prompt_syntax": task.prompt_syntax,
     }
 
 

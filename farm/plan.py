@@ -19,10 +19,12 @@ from typing import NamedTuple
 
 from .artifacts import HashCache, resolve_lora, resolve_model
 from .errors import FarmError, SpecError
+from .prompts import parse as parse_prompt
+from .samplers import resolve_sampler
 from .spec import RenderJob, farm_limit
 
 # Bump when the renderer changes in a way that changes pixels for the same settings.
-RENDER_VERSION = 1
+RENDER_VERSION = 2  # 2: k-diffusion samplers, prompt weighting, device-independent noise
 _LORA_TAG = re.compile(r"<lora:([^>]+?)(?::(-?[0-9.]+))?>")
 
 
@@ -34,6 +36,7 @@ class LoraUse:
     path: str
     sha256: str
     strength: float
+    addnet_hash: str = ""  # A1111's `Lora hashes` value (sha256 after the safetensors header)
 
 
 Cell = tuple[tuple[str, str], ...]  # ((axis, label), ...): one grid cell's coordinates
@@ -58,6 +61,8 @@ class Task(NamedTuple):
     sampler: str
     width: int
     height: int
+    noise: str  # whose seed convention draws the noise: comfyui | a1111-cpu | a1111-gpu
+    prompt_syntax: str  # how emphasis in the prompt is read: a1111 | comfyui | plain
     loras: tuple[LoraUse, ...]
     cells: tuple[Cell, ...]
     order: int
@@ -89,13 +94,13 @@ class Plan:
         return list(dict.fromkeys(task.group for task in self.tasks))
 
 
-def task_id_of(*, cfg: float, height: int, loras: list, model_sha256: str, negative_prompt: str, prompt: str,
-               sampler: str, seed: int, steps: int, width: int) -> str:
+def task_id_of(*, cfg: float, height: int, loras: list, model_sha256: str, negative_prompt: str, noise: str,
+               prompt: str, prompt_syntax: str, sampler: str, seed: int, steps: int, width: int) -> str:
     """sha256 of everything that determines an image's pixels, 24 hex digits. The payload is the
     repr of the values in this (alphabetical) order: canonical like JSON for str/int/float/list,
     and several times faster, which matters at a million tasks."""
-    payload = repr((RENDER_VERSION, cfg, height, loras, model_sha256, negative_prompt, prompt, sampler, seed,
-                    steps, width))
+    payload = repr((RENDER_VERSION, cfg, height, loras, model_sha256, negative_prompt, noise, prompt, prompt_syntax,
+                    sampler, seed, steps, width))
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -126,7 +131,8 @@ class Expander:
         self.lora_dir = (spec_dir / job.lora_dir) if job.lora_dir else spec_dir
         self._models: dict[str, tuple[str, str]] = {}
         self._styles: dict[str, tuple[str, str]] | None = None
-        self._loras: dict[tuple[Path, str], tuple[str, str]] = {}
+        self._loras: dict[tuple[Path, str], tuple[str, str, str]] = {}
+        self._renderable: set[tuple] = set()
 
     def fail(self, where: str, message: str) -> SpecError:
         return SpecError(f"{self.source}: {where}: {message}")
@@ -147,10 +153,9 @@ class Expander:
                 path = resolve_lora(reference, base)
             except FarmError as exc:
                 raise self.fail(where, str(exc)) from None
-            self._loras[key] = (str(path), self.hashes.file(path))
-        path, sha = self._loras[key]
-        name = file_label(reference)
-        return LoraUse(name=name, path=path, sha256=sha, strength=float(strength))
+            self._loras[key] = (str(path), self.hashes.file(path), self.hashes.addnet(path))
+        path, sha, addnet = self._loras[key]
+        return LoraUse(name=file_label(reference), path=path, sha256=sha, strength=float(strength), addnet_hash=addnet)
 
     def styles(self) -> dict[str, tuple[str, str]]:
         """The job's styles CSV: name → (prompt, negative_prompt), read once."""
@@ -266,6 +271,7 @@ class Expander:
             prompt = apply_style(settings["style"][0], prompt)
             negative = apply_style(settings["style"][1], negative)
         prompt, loras = self.prompt_loras(prompt)
+        self.check_renderable(settings, prompt, negative)
         choice = settings["lora"]
         if choice and choice["file"]:
             strength = choice["strength"] if settings["strength"] is None else settings["strength"]
@@ -277,15 +283,35 @@ class Expander:
         task_id = task_id_of(
             model_sha256=model_sha, prompt=prompt, negative_prompt=negative, seed=settings["seed"],
             steps=settings["steps"], cfg=cfg, sampler=settings["sampler"],
-            width=settings["width"], height=settings["height"],
-            loras=sorted([lora.sha256, lora.strength] for lora in loras) if loras else [],
+            width=settings["width"], height=settings["height"], noise=settings["noise"],
+            prompt_syntax=settings["prompt_syntax"], loras=sorted([lora.sha256, lora.strength] for lora in loras) if loras else [],
         )
         return Task(task_id, self.job.job, settings["model"], model_path, model_sha, prompt, negative,
                     settings["seed"], settings["steps"], cfg, settings["sampler"], settings["width"],
-                    settings["height"], tuple(loras), (cell,), order)  # positional: a million calls
+                    settings["height"], settings["noise"], settings["prompt_syntax"], tuple(loras), (cell,), order)  # positional: a million calls
+
+    def check_renderable(self, settings: dict, prompt: str, negative: str) -> None:
+        """What would fail every render of a task fails its plan instead: a sampler that has no
+        A1111 twin under an A1111 seed convention, a prompt its emphasis syntax cannot read
+        (`(man:1.2.3)`). Each combination is checked once."""
+        key = (settings["sampler"], settings["noise"], settings["prompt_syntax"], prompt, negative)
+        if key in self._renderable:
+            return
+        try:
+            resolve_sampler(settings["sampler"]).check_noise(settings["noise"])
+        except FarmError as exc:
+            raise self.fail("noise", str(exc)) from None
+        for where, text in (("prompt", prompt), ("negative", negative)):
+            try:
+                parse_prompt(text, settings["prompt_syntax"])
+            except FarmError as exc:
+                raise self.fail(where, str(exc)) from None
+        self._renderable.add(key)
 
     def prompt_loras(self, prompt: str) -> tuple[str, list[LoraUse]]:
-        """Take A1111 `<lora:NAME:WEIGHT>` tags out of a prompt, as A1111 does before encoding."""
+        """Take A1111 `<lora:NAME:WEIGHT>` tags out of a prompt, as A1111 does before encoding: only
+        the tags go (a comma before one stays, as it does in A1111, since CLIP sees it); runs of
+        whitespace, which the tokenizer ignores anyway, become one space."""
         if "<lora:" not in prompt:
             return prompt, []
         loras = []
@@ -294,7 +320,7 @@ class Expander:
             if not 0 <= weight <= 2:
                 raise self.fail("prompt", f"{match[0]}: strength must be between 0 and 2")
             loras.append(self.lora(match[1], weight, self.lora_dir, f"prompt {match[0]}"))
-        cleaned = re.sub(r"\s{2,}", " ", _LORA_TAG.sub("", prompt)).strip().strip(",").strip()
+        cleaned = re.sub(r"\s{2,}", " ", _LORA_TAG.sub("", prompt)).strip()
         return cleaned, loras
 
 

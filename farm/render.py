@@ -1,8 +1,10 @@
 """Render tasks on one device: a hot pipeline plus its adapter cache. No Ray in here.
 
-One task is one pipeline call with its own `torch.Generator(device).manual_seed(seed)`: batching
-several seeds into one call changes pixels by ~1e-6 depending on the batch's make-up, which
-would make an image depend on its neighbours, so batches of tasks are looped, not stacked.
+The pipeline supplies the modules (text encoders, UNet, VAE); the sampling around them is
+ComfyUI's and A1111's, not diffusers' (`farm.sampling`, `farm.prompts`), so a farm image is the
+image those tools give for the same settings. One task is one sampling run with its own noise:
+batching several seeds changes pixels by ~1e-6 depending on the batch's make-up, which would make
+an image depend on its neighbours, so batches of tasks are looped, not stacked.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from .lora import AdapterCache
 from .pipeline import PipelineOptions, describe_device, load_pipeline, pick_device
 from .plan import Task
 from .pnginfo import parameters_text
+from .prompts import encode_pair
 from .samplers import resolve_sampler
+from .sampling import model_sigmas, sample
 
 
 @dataclass
@@ -74,6 +78,61 @@ def encode_png(image, parameters: str) -> bytes:
     return buffer.getvalue()
 
 
+def guided_eps(unet, cond, uncond, time_ids, cfg: float):
+    """The UNet's noise prediction with classifier-free guidance, `uncond + cfg·(cond − uncond)`,
+    as a function of the scaled latent and the model timestep (what the samplers call).
+
+    Positive and negative run as one batch when their token lengths agree; otherwise apart, which
+    is what ComfyUI's repeat-to-a-common-length concat computes (attention over repeated keys
+    and values is unchanged)."""
+    import torch
+
+    dtype = unet.dtype
+
+    def run(x, t, embeds, pooled, count):
+        added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.repeat(count, 1).to(dtype)}
+        timestep = t.reshape(-1).to(x.device).expand(x.shape[0])
+        out = unet(x.to(dtype), timestep, encoder_hidden_states=embeds.to(dtype), added_cond_kwargs=added).sample
+        return out.float()
+
+    def eps(x_in, t):
+        if cond.embeds.shape == uncond.embeds.shape:
+            both = run(torch.cat([x_in, x_in]), t, torch.cat([uncond.embeds, cond.embeds]),
+                       torch.cat([uncond.pooled, cond.pooled]), 2)
+            negative, positive = both.chunk(2)
+        else:
+            negative = run(x_in, t, uncond.embeds, uncond.pooled, 1)
+            positive = run(x_in, t, cond.embeds, cond.pooled, 1)
+        return negative + (positive - negative) * cfg
+
+    return eps
+
+
+def decode_image(vae, latent):
+    """The latent as an 8-bit image: VAE decode of latent / scaling factor, (x + 1) / 2 clamped,
+    then 255·x cut to uint8 as ComfyUI and A1111 both do (diffusers rounds instead). SDXL's VAE
+    overflows in fp16, so a VAE whose config says `force_upcast` decodes in fp32."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        dtype = vae.dtype
+        scaled = latent / vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None):
+            scaled = scaled + vae.config.shift_factor
+        pixels = vae.decode(scaled.to(dtype)).sample
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    pixels = ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    array = (255.0 * pixels[0].permute(1, 2, 0).cpu().numpy()).astype(np.uint8)
+    return Image.fromarray(array)
+
+
 class Renderer:
     """Keeps one pipeline loaded (switching models only when a task needs another)."""
 
@@ -84,7 +143,8 @@ class Renderer:
         self.max_adapters = max_adapters
         self.pipe = None
         self.model_sha256 = ""
-        self.base_scheduler_config = None
+        self.model_sigmas = None  # the checkpoint's 1000 training sigmas, from its beta schedule
+        self.vae_scale = 8
         self.adapters: AdapterCache | None = None
         self.locate = None  # LoraUse → local Path; None: the planned path
         self.memory_steps: list[str] = []
@@ -105,7 +165,8 @@ class Renderer:
         self.pipe = load_pipeline(task.model_path, self.options)
         self.memory_steps, self.vae_upcast = [], False
         self.model_sha256 = task.model_sha256
-        self.base_scheduler_config = dict(self.pipe.scheduler.config)
+        self.model_sigmas = model_sigmas(dict(self.pipe.scheduler.config))
+        self.vae_scale = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
         self.adapters = AdapterCache(self.pipe, self.max_adapters, lambda lora: self.locate(lora) if self.locate
                                      else Path(lora.path))
         self.pipeline_loads += 1
@@ -124,7 +185,7 @@ class Renderer:
             began = time.perf_counter()
             image = self._run_checked(task, sampler)
             result.render_s = time.perf_counter() - began
-            result.png = encode_png(image, parameters_text(task, result.scheduler, __version__))
+            result.png = encode_png(image, parameters_text(task, sampler, __version__))
             result.image_sha256 = hashlib.sha256(result.png).hexdigest()
             result.status = "ok"
             result.notes, self.notes = "; ".join(self.notes), []
@@ -187,20 +248,23 @@ class Renderer:
         self.notes.append("black image: VAE upcast to fp32")
 
     def _run(self, task: Task, sampler):
+        """One image the way ComfyUI's KSampler (or A1111, per `task.noise`) makes it: prompts
+        encoded with the task's emphasis syntax, k-diffusion's sampler on the UNet with CFG, the
+        noise drawn by the task's seed convention, the VAE decode cut (not rounded) to 8 bits."""
         import torch
 
         _injected_fault()
-        self.pipe.scheduler = sampler.build(self.base_scheduler_config)
-        generator = torch.Generator(device="cpu" if self.device == "mps" else self.device)
-        generator.manual_seed(task.seed)
+        pipe = self.pipe
+        device = pipe._execution_device  # the GPU even when offload keeps weights on the CPU
         with torch.inference_mode():
-            output = self.pipe(
-                # "" is encoded like A1111 and ComfyUI do; None would zero SDXL's negative embedding
-                prompt=task.prompt, negative_prompt=task.negative_prompt,
-                num_inference_steps=task.steps, guidance_scale=task.cfg,
-                width=task.width, height=task.height, generator=generator,
-            )
-        return output.images[0]
+            cond, uncond = encode_pair(pipe, task.prompt, task.negative_prompt, task.prompt_syntax, device)
+            size = [task.height, task.width]
+            time_ids = torch.tensor([size + [0, 0] + size], device=device, dtype=torch.float32)
+            eps = guided_eps(pipe.unet, cond, uncond, time_ids, task.cfg)
+            shape = (1, pipe.unet.config.in_channels, task.height // self.vae_scale, task.width // self.vae_scale)
+            latent = sample(sampler, eps, shape=shape, seed=task.seed, steps=task.steps, noise=task.noise,
+                            device=device, model_sigmas=self.model_sigmas)
+            return decode_image(pipe.vae, latent)
 
     def render_many(self, tasks: Iterable[Task]) -> list[RenderResult]:
         return [self.render(task) for task in tasks]

@@ -167,6 +167,12 @@ class Defaults(Strict):
     height: Side = 1024
     seed: Seed = -1
     lora: Annotated[Optional[LoraChoice], BeforeValidator(_lora_item)] = None
+    # whose convention turns a seed into noise; comfyui's is drawn on the CPU, so an image depends
+    # on seed and settings, not on the GPU model (a1111-gpu draws on the GPU, as A1111's default)
+    noise: Literal["comfyui", "a1111-cpu", "a1111-gpu"] = "comfyui"
+    # how `(word:1.2)`, `[word]`, `\(` and BREAK are read: as A1111 reads them, as ComfyUI does
+    # (another weighting formula, no BREAK), or literally
+    prompt_syntax: Literal["a1111", "comfyui", "plain"] = "a1111"
 
 
 class Axes(Strict):
@@ -338,6 +344,9 @@ class TrainOptions(Strict):
     network_dim: Annotated[int, _between(1, 1024)] = 4
     network_alpha: Annotated[float, _between(0, 1024)] = 1.0
     network_train_unet_only: bool = True
+    # kohya's --network_args, "key=value" strings: conv_dim / conv_alpha also train the UNet's 3×3
+    # convolutions (ResnetBlock2D, Downsample2D, Upsample2D) at that rank and alpha
+    network_args: list[str] = Field(default_factory=list)
     learning_rate: Annotated[float, _between(0, 1)] = 1e-4
     unet_lr: Optional[Annotated[float, _between(0, 1)]] = None
     text_encoder_lr: Optional[Annotated[float, _between(0, 1)]] = None
@@ -377,6 +386,35 @@ class TrainOptions(Strict):
         if self.dataset_config and (self.train_data_dir or self.reg_data_dir):
             raise ValueError("dataset_config replaces train_data_dir and reg_data_dir: give one or the other")
         return self
+
+    @model_validator(mode="after")
+    def _network_args(self):
+        self.network_kwargs()
+        if self.network_args and self.mode != "lora":
+            raise ValueError("network_args are LoRA options (mode: lora)")
+        return self
+
+    def network_kwargs(self) -> dict[str, str]:
+        """`network_args` as kohya keeps them (values are strings), checked: conv_dim is a rank
+        1-1024, conv_alpha a number >= 0 (0: alpha = rank) that needs conv_dim."""
+        kwargs = {}
+        for item in self.network_args:
+            key, sep, value = item.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or not key or not value:
+                raise ValueError(f"network_args: {item!r} is not key=value")
+            if key not in ("conv_dim", "conv_alpha"):
+                raise ValueError(f"network_args: {key!r} is not supported (conv_dim, conv_alpha)")
+            try:
+                number = int(value) if key == "conv_dim" else float(value)
+            except ValueError:
+                raise ValueError(f"network_args: {key} must be a number, not {value!r}") from None
+            if (key == "conv_dim" and not 1 <= number <= 1024) or (key == "conv_alpha" and not 0 <= number <= 1024):
+                raise ValueError(f"network_args: {key}={value} is out of range")
+            kwargs[key] = value
+        if "conv_alpha" in kwargs and "conv_dim" not in kwargs:
+            raise ValueError("network_args: conv_alpha needs conv_dim")
+        return kwargs
 
 
 class RegSet(Strict):

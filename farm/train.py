@@ -1,10 +1,11 @@
 """SDXL LoRA training (DreamBooth with prior preservation), kohya-compatible in and out. No Ray.
 
-kohya's option names and meanings, peft for the adapters, diffusers for the noise schedule, the
-learning-rate schedules and the conversion to kohya's `lora_unet_…` keys; no LoRA math by hand.
-Checkpoints are one `.safetensors` file each, named as kohya names them
-(`<output_name>-000001.safetensors`, the last without a suffix), with kohya's `ss_*` metadata,
-so A1111, ComfyUI and diffusers load them unchanged.
+kohya's option names and meanings, peft for the adapters (scale = network_alpha / network_dim, as
+sd-scripts), diffusers for the noise schedule and the learning-rate schedules; no LoRA math by
+hand. The LoRA trains the modules sd-scripts' `networks.lora` trains and is saved under its SDXL
+names (`farm.kohya`). Checkpoints are one `.safetensors` file each, named as kohya names them
+(`<output_name>-000001.safetensors`, the last without a suffix), with kohya's `ss_*`, `sshs_*`
+and `modelspec.*` metadata, so A1111, ComfyUI and diffusers load them unchanged.
 
 Determinism is what makes resume exact: a batch's order comes from (seed, epoch) and its noise
 from (seed, step), so a run restarted from its saved state computes the same steps as one that
@@ -30,6 +31,8 @@ from .spec import TrainOptions
 
 STATE_DIR = "state"
 LOG_FILE = "log.csv"
+# Bump when what a run trains or writes changes, so an old run folder is not resumed into a new one
+TRAINER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Checkpoint:
     sha256: str
     label: str  # grid label, as in the seed's grids: "v002 epoch 7", or "v002 step 901" for step saves
     node: str = ""
+    single_file: str = ""  # DreamBooth: the same checkpoint as one SDXL .safetensors (beside the folder)
 
 
 def checkpoint_name(output_name: str, epoch: int | None = None, step: int | None = None) -> str:
@@ -55,10 +59,19 @@ def checkpoint_name(output_name: str, epoch: int | None = None, step: int | None
     return f"{output_name}.safetensors"
 
 
+def _optimizer_kwargs(options: TrainOptions) -> dict:
+    args = dict(_parse_optimizer_args(options.optimizer_args))
+    if options.optimizer_type.lower() == "adafactor":
+        args.setdefault("scale_parameter", False)
+        args.setdefault("relative_step", False)
+        args.setdefault("warmup_init", False)
+    return args
+
+
 def _optimizer(options: TrainOptions, groups: list[dict]):
     import torch
 
-    args = dict(_parse_optimizer_args(options.optimizer_args))
+    args = _optimizer_kwargs(options)
     kind = options.optimizer_type.lower()
     if kind == "adamw":
         return torch.optim.AdamW(groups, **args)
@@ -71,9 +84,6 @@ def _optimizer(options: TrainOptions, groups: list[dict]):
     if kind == "adafactor":
         from transformers.optimization import Adafactor
 
-        args.setdefault("scale_parameter", False)
-        args.setdefault("relative_step", False)
-        args.setdefault("warmup_init", False)
         return Adafactor(groups, **args)
     if kind == "prodigy":
         try:
@@ -102,7 +112,8 @@ class Trainer:
     """One training run: model + dataset + options → checkpoints in `out_dir`.
 
     `mode: lora` trains peft adapters and writes kohya LoRA files; `mode: dreambooth` trains the
-    whole UNet (kohya's sdxl_train.py) and writes each checkpoint as a diffusers model folder."""
+    whole UNet (kohya's sdxl_train.py) and writes each checkpoint as a diffusers model folder and
+    as one single-file SDXL `.safetensors` (the layout sdxl_train.py saves)."""
 
     def __init__(self, run: str, model_path: str, model_name: str, dataset: Dataset, options: TrainOptions,
                  out_dir: Path, device: str | None = None):
@@ -124,12 +135,14 @@ class Trainer:
 
     def _load(self, model_path: str) -> None:
         import torch
-        from diffusers import DDPMScheduler, StableDiffusionXLPipeline
-        from peft import LoraConfig
+        from diffusers import DDPMScheduler
 
-        pipe = StableDiffusionXLPipeline.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True,
-                                                         local_files_only=True)
-        self.pipe = pipe.to(self.device)
+        from . import kohya
+        from .pipeline import PipelineOptions, load_pipeline
+
+        self.model_path = Path(model_path)
+        pipe = load_pipeline(model_path, PipelineOptions(device=self.device, dtype="fp32"))
+        self.pipe = pipe
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.requires_grad_(False)
@@ -137,13 +150,23 @@ class Trainer:
         if self.full:
             self._load_full()
             return
+        # sd-scripts' networks.lora: every Linear of the UNet's transformer blocks (attn1/attn2
+        # q/k/v/out, ff, proj_in/out); with conv_dim also the resnets' and samplers' convs; and
+        # for the text encoders every Linear of CLIPAttention and CLIPMLP
         torch.manual_seed(self.options.seed)  # LoRA init draws from torch's global generator
-        config = dict(r=self.options.network_dim, lora_alpha=self.options.network_alpha, init_lora_weights="gaussian")
-        pipe.unet.add_adapter(LoraConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"], **config))
+        o, net = self.options, self.options.network_kwargs()
+        conv_dim = int(net["conv_dim"]) if "conv_dim" in net else None
+        conv_alpha = float(net.get("conv_alpha", 1.0))
+        unet_targets = kohya.lora_targets(pipe.unet, kohya.UNET_TARGET_BLOCKS,
+                                          kohya.UNET_CONV_BLOCKS if conv_dim else ())
+        pipe.unet.add_adapter(kohya.lora_config(unet_targets, o.network_dim, o.network_alpha, conv_dim, conv_alpha))
         self.train_text = not self.options.network_train_unet_only
         if self.train_text:
+            from peft import inject_adapter_in_model  # peft directly: transformers' add_adapter wants a newer peft
+
             for encoder in (pipe.text_encoder, pipe.text_encoder_2):
-                encoder.add_adapter(LoraConfig(target_modules=["q_proj", "k_proj", "v_proj", "out_proj"], **config))
+                targets = kohya.lora_targets(encoder, kohya.TEXT_TARGET_BLOCKS)
+                inject_adapter_in_model(kohya.lora_config(targets, o.network_dim, o.network_alpha), encoder)
         if self.options.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
         lr = self.options.learning_rate
@@ -255,108 +278,246 @@ class Trainer:
 
     # --- saving -----------------------------------------------------------------------------
 
-    def lora_state(self) -> dict:
-        """The adapters as kohya/webui keys (`lora_unet_…lora_down.weight`, `.alpha`)."""
-        from diffusers.utils import convert_state_dict_to_kohya
-        from peft.utils import get_peft_model_state_dict
-
-        state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(self.pipe.unet).items()}
-        if self.train_text:
-            state.update({f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(self.pipe.text_encoder).items()})
-            state.update({f"text_encoder_2.{k}": v for k, v in get_peft_model_state_dict(self.pipe.text_encoder_2).items()})
-        kohya = convert_state_dict_to_kohya(state)
-        precision = {"fp16": "float16", "bf16": "bfloat16"}.get(self.options.save_precision, "float32")
+    @property
+    def save_dtype(self):
+        """kohya's `save_precision`: float (fp32), fp16 or bf16."""
         import torch
 
-        dtype = getattr(torch, precision)
-        return {k: v.detach().to("cpu", dtype).contiguous() for k, v in kohya.items()}
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.options.save_precision, torch.float32)
+
+    def lora_state(self) -> dict:
+        """The adapters under sd-scripts' SDXL names (`lora_unet_input_blocks_4_1_…`,
+        `lora_te1_text_model_encoder_layers_0_…`): `.lora_down.weight`, `.lora_up.weight` and
+        `.alpha` (network_alpha), in `save_precision`."""
+        from . import kohya
+
+        names = kohya.SgmUNetNames(self.pipe.unet.config)
+        models = [(kohya.LORA_PREFIX_UNET, self.pipe.unet, names.module)]
+        if self.train_text:
+            for prefix, encoder in ((kohya.LORA_PREFIX_TE1, self.pipe.text_encoder),
+                                    (kohya.LORA_PREFIX_TE2, self.pipe.text_encoder_2)):
+                models.append((prefix, encoder, lambda path, model=encoder: kohya.clip_path(model, path)))
+        return kohya.lora_state_dict(models, self.save_dtype)
+
+    def _model_file_hashes(self) -> dict[str, str]:
+        """sd-scripts' `ss_sd_model_hash` / `ss_new_sd_model_hash` of a single-file base model."""
+        if not hasattr(self, "_model_hashes"):
+            self._model_hashes = {}
+            if self.model_path.is_file():
+                from . import kohya
+                from .artifacts import HashCache
+
+                cache = HashCache()
+                self._model_hashes = {"ss_sd_model_hash": kohya.legacy_model_hash(self.model_path),
+                                      "ss_new_sd_model_hash": cache.file(self.model_path)}
+                cache.save()
+        return self._model_hashes
+
+    def _bucket_info(self) -> dict:
+        """sd-scripts' `bucket_info`: images (with repeats) per bucket; with bucketing, the mean
+        aspect-ratio error of the images' buckets."""
+        d = self.dataset
+        info: dict = {"buckets": {i: {"resolution": list(reso), "count": len(items)}
+                                  for i, (reso, items) in enumerate(d.bucketed().items())}}
+        if d.buckets.enable_bucket and d.items:
+            errors = []
+            for item in d.items:
+                width, height = d.buckets.bucket_for(item.width, item.height)
+                errors.append(abs(width / height - item.width / item.height))
+            info["mean_img_ar_error"] = sum(errors) / len(errors)
+        return info
 
     def metadata(self, epoch: int, step: int, started_at: datetime) -> dict[str, str]:
-        """kohya's `ss_*` training metadata (all values are strings in safetensors headers)."""
+        """kohya's `ss_*` training metadata and the `modelspec.*` keys (all values are strings in
+        safetensors headers). `sshs_*` hashes are added when the file is written."""
+        from . import kohya
+        from .tiny import is_tiny
+
         o, d = self.options, self.dataset
-        dirs = {Path(s.image_dir).name: {"n_repeats": s.num_repeats,
-                                          "img_count": sum(1 for i in d.items if i.subset == s)}
+
+        def count(subset) -> int:
+            return sum(1 for i in d.items if i.subset == subset)
+
+        dirs = {Path(s.image_dir).name: {"n_repeats": s.num_repeats, "img_count": count(s)}
                 for s in d.subsets if not s.is_reg}
-        reg_dirs = {Path(s.image_dir).name: {"n_repeats": s.num_repeats,
-                                              "img_count": sum(1 for i in d.items if i.subset == s)}
+        reg_dirs = {Path(s.image_dir).name: {"n_repeats": s.num_repeats, "img_count": count(s)}
                     for s in d.subsets if s.is_reg}
-        meta = {
+        optimizer = type(self.optimizer)
+        optimizer_args = ",".join(f"{k}={v}" for k, v in _optimizer_kwargs(o).items())
+        optimizer_name = f"{optimizer.__module__}.{optimizer.__name__}" + (f"({optimizer_args})" if optimizer_args else "")
+        bucket_info = self._bucket_info()
+        # every key sd-scripts' train_network.py writes; options the farm does not have carry
+        # sd-scripts' defaults (what its file would say for the same run)
+        values = {
             "ss_session_id": self.run,
-            "ss_training_started_at": str(started_at.timestamp()),
+            "ss_training_started_at": started_at.timestamp(),
             "ss_output_name": o.output_name,
-            "ss_learning_rate": str(o.learning_rate),
-            "ss_unet_lr": str(o.unet_lr or o.learning_rate),
-            "ss_text_encoder_lr": str(o.text_encoder_lr or o.learning_rate),
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": str(o.network_dim),
-            "ss_network_alpha": str(o.network_alpha),
-            "ss_network_train_unet_only": str(o.network_train_unet_only),
-            "ss_optimizer": o.optimizer_type + (f"({','.join(o.optimizer_args)})" if o.optimizer_args else ""),
+            "ss_learning_rate": o.learning_rate,
+            "ss_text_encoder_lr": o.text_encoder_lr,
+            "ss_unet_lr": o.unet_lr,
+            "ss_num_train_images": d.num_train_images,
+            "ss_num_validation_images": 0,
+            "ss_num_reg_images": d.num_reg_images,
+            "ss_num_batches_per_epoch": self.math.batches_per_epoch,
+            "ss_num_epochs": self.math.epochs,
+            "ss_gradient_checkpointing": o.gradient_checkpointing,
+            "ss_gradient_accumulation_steps": o.gradient_accumulation_steps,
+            "ss_max_train_steps": self.math.max_train_steps,
+            "ss_lr_warmup_steps": o.lr_warmup_steps,
             "ss_lr_scheduler": o.lr_scheduler,
-            "ss_lr_warmup_steps": str(o.lr_warmup_steps),
-            "ss_num_train_images": str(d.num_train_images),
-            "ss_num_reg_images": str(d.num_reg_images),
-            "ss_num_batches_per_epoch": str(self.math.batches_per_epoch),
-            "ss_num_epochs": str(self.math.epochs),
-            "ss_batch_size_per_device": str(d.batch_size),
-            "ss_gradient_accumulation_steps": str(o.gradient_accumulation_steps),
-            "ss_max_train_steps": str(self.math.max_train_steps),
-            "ss_epoch": str(epoch),
-            "ss_steps": str(step),
+            "ss_network_module": kohya.NETWORK_MODULE,
+            "ss_network_dim": o.network_dim,
+            "ss_network_alpha": o.network_alpha,
+            "ss_network_dropout": None,
             "ss_mixed_precision": o.mixed_precision,
-            "ss_save_precision": o.save_precision,
-            "ss_gradient_checkpointing": str(o.gradient_checkpointing),
-            "ss_cache_latents": str(o.cache_latents),
-            "ss_seed": str(o.seed),
-            "ss_noise_offset": str(o.noise_offset or "None"),
-            "ss_min_snr_gamma": str(o.min_snr_gamma or "None"),
-            "ss_prior_loss_weight": str(o.prior_loss_weight),
-            "ss_resolution": f"({d.buckets.resolution[0]}, {d.buckets.resolution[1]})",
-            "ss_enable_bucket": str(d.buckets.enable_bucket),
-            "ss_min_bucket_reso": str(d.buckets.min_bucket_reso),
-            "ss_max_bucket_reso": str(d.buckets.max_bucket_reso),
-            "ss_bucket_no_upscale": str(d.buckets.bucket_no_upscale),
+            "ss_full_fp16": False,
+            "ss_v2": False,
+            "ss_base_model_version": kohya.BASE_MODEL_VERSION,
+            "ss_clip_skip": None,
+            "ss_max_token_length": None,
+            "ss_cache_latents": o.cache_latents,
+            "ss_seed": o.seed,
+            "ss_lowram": False,
+            "ss_noise_offset": o.noise_offset or None,
+            "ss_multires_noise_iterations": None,
+            "ss_multires_noise_discount": 0.3,
+            "ss_adaptive_noise_scale": None,
+            "ss_zero_terminal_snr": False,
+            "ss_training_comment": None,
+            "ss_sd_scripts_commit_hash": "(unknown)",
+            "ss_optimizer": optimizer_name,
+            "ss_max_grad_norm": 1.0,
+            "ss_caption_dropout_rate": 0.0,
+            "ss_caption_dropout_every_n_epochs": 0,
+            "ss_caption_tag_dropout_rate": 0.0,
+            "ss_face_crop_aug_range": None,
+            "ss_prior_loss_weight": o.prior_loss_weight,
+            "ss_min_snr_gamma": o.min_snr_gamma,
+            "ss_scale_weight_norms": None,
+            "ss_ip_noise_gamma": None,
+            "ss_debiased_estimation": False,
+            "ss_noise_offset_random_strength": False,
+            "ss_ip_noise_gamma_random_strength": False,
+            "ss_loss_type": "l2",
+            "ss_huber_schedule": "snr",
+            "ss_huber_scale": 1.0,
+            "ss_huber_c": 0.1,
+            "ss_fp8_base": False,
+            "ss_fp8_base_unet": False,
+            "ss_validation_seed": None,
+            "ss_validation_split": 0.0,
+            "ss_max_validation_steps": None,
+            "ss_validate_every_n_epochs": None,
+            "ss_validate_every_n_steps": None,
+            "ss_resize_interpolation": None,
+            # the train_data_dir / reg_data_dir form
+            "ss_batch_size_per_device": d.batch_size,
+            "ss_total_batch_size": d.batch_size * o.gradient_accumulation_steps,
+            "ss_resolution": tuple(d.buckets.resolution),
+            "ss_color_aug": False,
+            "ss_flip_aug": False,
+            "ss_random_crop": False,
+            "ss_shuffle_caption": False,
+            "ss_enable_bucket": d.buckets.enable_bucket,
+            "ss_bucket_no_upscale": d.buckets.bucket_no_upscale,
+            "ss_min_bucket_reso": d.buckets.min_bucket_reso,
+            "ss_max_bucket_reso": d.buckets.max_bucket_reso,
+            "ss_keep_tokens": o.keep_tokens,
             "ss_dataset_dirs": json.dumps(dirs),
             "ss_reg_dataset_dirs": json.dumps(reg_dirs),
             "ss_tag_frequency": json.dumps(d.tag_frequency()),
-            "ss_sd_model_name": self.model_name,
-            "ss_base_model_version": "sdxl_base_v1-0",
-            "ss_v2": "False",
-            "ss_training_finished_at": str(time.time()),
-            "sshs_model_hash": "",
-            "modelspec.architecture": "stable-diffusion-xl-v1-base" + ("" if self.full else "/lora"),
-            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-            "modelspec.title": f"{o.output_name} epoch {epoch}",
+            "ss_bucket_info": json.dumps(bucket_info),
+            "ss_sd_model_name": self.model_name if is_tiny(self.model_name) else Path(self.model_name).name,
+            # not sd-scripts': the farm's own record
+            "ss_network_train_unet_only": o.network_train_unet_only,
+            "ss_save_precision": o.save_precision,
         }
+        if o.dataset_config:  # a dataset TOML: sd-scripts also describes each subset in ss_datasets
+            values["ss_datasets"] = json.dumps([self._dataset_description(bucket_info)])
+        if o.network_args:
+            values["ss_network_args"] = json.dumps(o.network_kwargs())
+        values.update(self._model_file_hashes())
+        values.update({"ss_training_finished_at": time.time(), "ss_steps": step, "ss_epoch": epoch})
+        meta = {key: str(value) for key, value in values.items()}
+        meta.update(kohya.modelspec(lora=not self.full, title=o.output_name, resolution=tuple(d.buckets.resolution),
+                                    prediction_type=self.noise_scheduler.config.prediction_type))
         return meta
+
+    def _dataset_description(self, bucket_info: dict) -> dict:
+        """One entry of sd-scripts' `ss_datasets` (the dataset-config form)."""
+        d, o = self.dataset, self.options
+        subsets = [{"img_count": sum(1 for i in d.items if i.subset == s), "num_repeats": s.num_repeats,
+                    "color_aug": False, "flip_aug": False, "random_crop": False, "shuffle_caption": False,
+                    "keep_tokens": s.keep_tokens, "keep_tokens_separator": "", "secondary_separator": None,
+                    "enable_wildcard": False, "caption_prefix": None, "caption_suffix": None,
+                    "resize_interpolation": None, "image_dir": Path(s.image_dir).name,
+                    "class_tokens": s.class_tokens, "is_reg": s.is_reg} for s in d.subsets]
+        return {"is_dreambooth": True, "batch_size_per_device": d.batch_size,
+                "num_train_images": d.num_train_images, "num_reg_images": d.num_reg_images,
+                "resolution": list(d.buckets.resolution), "enable_bucket": d.buckets.enable_bucket,
+                "min_bucket_reso": d.buckets.min_bucket_reso, "max_bucket_reso": d.buckets.max_bucket_reso,
+                "tag_frequency": d.tag_frequency(), "bucket_info": bucket_info, "resize_interpolation": None,
+                "subsets": subsets}
 
     def save_checkpoint(self, name: str, epoch: int, step: int, started_at: datetime, final: bool,
                         by_step: bool = False) -> Checkpoint:
         label = f"{self.run} step {step}" if by_step else f"{self.run} epoch {epoch}"
         if self.full:
-            path, sha = self._save_model_folder(name.removesuffix(".safetensors"), epoch, step, started_at)
-            return Checkpoint(self.run, str(path), epoch, step, final, sha, label, platform.node())
-        from safetensors.torch import save_file
+            path, sha, single = self._save_model_folder(name.removesuffix(".safetensors"), epoch, step, started_at)
+            return Checkpoint(self.run, str(path), epoch, step, final, sha, label, platform.node(), str(single))
+        from safetensors.torch import save
 
+        from . import kohya
         from .artifacts import sha256_file
         from .manifest import write_atomic
 
         path = self.out_dir / name
         if not path.is_file():  # a resumed run recomputes the same weights: keep the file renders used
-            tmp = self.out_dir / f".{name}.tmp"
-            save_file(self.lora_state(), tmp, metadata=self.metadata(epoch, step, started_at))
-            data = tmp.read_bytes()
-            tmp.unlink()
-            write_atomic(path, data)
+            state = self.lora_state()
+            meta = self.metadata(epoch, step, started_at)
+            meta["sshs_model_hash"], meta["sshs_legacy_hash"] = kohya.addnet_hashes(state, meta)
+            write_atomic(path, save(state, meta))
         return Checkpoint(self.run, str(path), epoch, step, final, sha256_file(path), label, platform.node())
 
-    def _save_model_folder(self, name: str, epoch: int, step: int, started_at: datetime) -> tuple[Path, str]:
-        """A full-DreamBooth checkpoint: a diffusers SDXL folder (safetensors), published by rename."""
+    def _logit_scale(self):
+        """OpenCLIP's logit_scale from a single-file base model (diffusers drops it), else None."""
+        from safetensors import safe_open
+
+        from .kohya import LOGIT_SCALE_KEY
+
+        if not self.model_path.is_file():
+            return None
+        with safe_open(str(self.model_path), "pt") as handle:
+            return handle.get_tensor(LOGIT_SCALE_KEY) if LOGIT_SCALE_KEY in handle.keys() else None
+
+    def _save_single_file(self, path: Path) -> None:
+        """The checkpoint as one SDXL `.safetensors` in the SGM layout, with sd-scripts' modelspec
+        metadata, in `save_precision`; written beside and renamed into place."""
+        from safetensors.torch import save_file
+
+        from . import kohya
+
+        if path.is_file():
+            return
+        state = kohya.sdxl_checkpoint_state(self.pipe, self.save_dtype, self._logit_scale())
+        meta = kohya.modelspec(lora=False, title=self.options.output_name,
+                               resolution=tuple(self.dataset.buckets.resolution),
+                               prediction_type=self.noise_scheduler.config.prediction_type)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(state, tmp, metadata=meta)
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
+
+    def _save_model_folder(self, name: str, epoch: int, step: int, started_at: datetime) -> tuple[Path, str, Path]:
+        """A full-DreamBooth checkpoint: a diffusers SDXL folder (safetensors), published by rename,
+        and the same weights as one SDXL `.safetensors` beside it (`<name>.safetensors`)."""
         import shutil
         import tempfile
 
         from .artifacts import HashCache
 
+        single = self.out_dir / f"{name}.safetensors"
+        self._save_single_file(single)
         path = self.out_dir / name
         if not path.is_dir():
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.out_dir))
@@ -368,7 +529,7 @@ class Trainer:
                 os.replace(tmp, path)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        return path, HashCache().model(path)
+        return path, HashCache().model(path), single
 
     def save_state(self, epoch: int, step: int, batch_in_epoch: int, started_at: datetime) -> None:
         """Everything a resumed run needs: adapters, optimizer, schedule, position."""
@@ -416,7 +577,8 @@ class Trainer:
         import hashlib
 
         items = [(i.path, i.caption, i.subset.num_repeats, i.subset.is_reg) for i in self.dataset.items]
-        payload = json.dumps([self.model_name, self.options.model_dump(mode="json"), items], sort_keys=True)
+        payload = json.dumps([TRAINER_VERSION, self.model_name, self.options.model_dump(mode="json"), items],
+                             sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def _claim_out_dir(self) -> None:

@@ -7,7 +7,6 @@ import pytest
 from PIL import Image
 
 from farm.plan import plan_job
-from farm.pnginfo import parse_parameters
 from farm.spec import parse_spec
 
 
@@ -63,21 +62,6 @@ def test_switching_between_cached_adapters_does_not_reload(renderer, lora_dir):
     assert renderer.adapters.loads == loads
 
 
-def test_png_carries_a1111_parameters(renderer, lora_dir):
-    task = tasks_for(lora_dir, {"lora": [{"file": "subject-000002", "strength": 0.7}]},
-                     sampler="DPM++ 2M SDE Karras", cfg=6.5)[0]
-    result = renderer.render(task)
-    text = Image.open(io.BytesIO(result.png)).text["parameters"]
-    params = parse_parameters(text)
-    assert params["Prompt"] == "photo of a w0ut3r man"
-    assert params["Negative prompt"] == "blurry"
-    assert params["Steps"] == "3" and params["Sampler"] == "DPM++ 2M SDE Karras"
-    assert params["CFG scale"] == "6.5" and params["Seed"] == "1234" and params["Size"] == "64x64"
-    assert params["Lora"] == "subject-000002:0.7"
-    assert params["Scheduler"].startswith("DPMSolverMultistepScheduler(")
-    assert params["Task"] == task.task_id
-
-
 @pytest.mark.parametrize("content, expected", [
     (b"", "file changed since the job was planned"),
     (b"\x80\x04\x95pickle", "file changed since the job was planned"),
@@ -108,38 +92,35 @@ def test_corrupt_and_foreign_loras_fail_with_a_clear_error(renderer, lora_dir, t
     assert renderer.render(good).status == "ok"
 
 
-class FaultyPipeline:
-    """The real pipeline behind a boundary that injects GPU failures: `faults` is consumed one
-    per call ("oom": raise CUDA out-of-memory; "black": return an all-black image; None: pass)."""
+def faulty_run(run, faults):
+    """The renderer's sampling run behind a boundary that injects GPU failures: `faults` is
+    consumed one per attempt ("oom": raise CUDA out-of-memory; "black": an all-black image, as
+    an fp16 VAE's NaNs decode; None: the real image)."""
+    faults = list(faults)
 
-    def __init__(self, pipe, faults):
-        self.pipe, self.faults = pipe, list(faults)
-
-    def __call__(self, *args, **kwargs):
+    def attempt(task, sampler):
         import torch
 
-        fault = self.faults.pop(0) if self.faults else None
+        fault = faults.pop(0) if faults else None
         if fault == "oom":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        output = self.pipe(*args, **kwargs)
-        if fault == "black":
-            output.images[0] = Image.new("RGB", output.images[0].size)
-        return output
+        image = run(task, sampler)
+        return Image.new("RGB", image.size) if fault == "black" else image
 
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
+    return attempt
 
 
 @pytest.fixture
 def faulty(renderer, lora_dir):
-    """The shared renderer with its pipeline behind FaultyPipeline; restored afterwards."""
+    """The shared renderer with its sampling run behind `faulty_run`; restored afterwards."""
     task = tasks_for(lora_dir, {"lora": ["subject-000001"]})[0]
     clean = renderer.render(task)
-    real = renderer.pipe
-    yield renderer, task, clean, lambda faults: setattr(renderer, "pipe", FaultyPipeline(real, faults))
-    renderer.pipe = real
+    real = renderer._run
+    yield renderer, task, clean, lambda faults: setattr(renderer, "_run", faulty_run(real, faults))
+    del renderer._run  # the instance attribute goes; the method is back
     renderer.memory_steps, renderer.vae_upcast = [], False
-    real.vae.disable_tiling()
+    renderer.pipe.vae.disable_tiling()
+    renderer.pipe.vae.to(renderer.pipe.unet.dtype)
 
 
 def test_out_of_memory_is_retried_with_lower_memory_settings(faulty):

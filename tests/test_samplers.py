@@ -1,60 +1,118 @@
+import dataclasses
+import re
+import subprocess
+import sys
+
 import pytest
 
 from farm.errors import SamplerError
-from farm.samplers import fold, known_samplers, resolve_sampler
+from farm.samplers import SCHEDULES, Sampler, fold, known_samplers, resolve_sampler
 
 
-@pytest.mark.parametrize("name, cls, options", [
-    ("euler", "EulerDiscreteScheduler", {}),
-    ("Euler a", "EulerAncestralDiscreteScheduler", {}),
-    ("euler_ancestral", "EulerAncestralDiscreteScheduler", {}),
-    ("dpmpp_2m", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    ("dpmpp_2m_karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    ("DPM++ 2M SDE Karras", "DPMSolverMultistepScheduler",
-     {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
-    ("dpmpp_2s_ancestral", "DPMSolverSinglestepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    ("DPM++ 2S a", "DPMSolverSinglestepScheduler", {}),
-    ("ddim", "DDIMScheduler", {}),
-    ("uni_pc", "UniPCMultistepScheduler", {}),
-    ("UniPC", "UniPCMultistepScheduler", {}),
-    ("lms", "LMSDiscreteScheduler", {}),
-    ("LMS Karras", "LMSDiscreteScheduler", {"use_karras_sigmas": True}),
-    ("heun", "HeunDiscreteScheduler", {}),
-    ("dpm2_a", "KDPM2AncestralDiscreteScheduler", {}),
-    ("DPM2 a Karras", "KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
-    ("euler sgm_uniform", "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+@pytest.mark.parametrize("name, key, schedule, a1111_name, a1111_schedule", [
+    ("euler", "euler", "normal", "Euler", "Automatic"),
+    ("Euler a", "euler_ancestral", "normal", "Euler a", "Automatic"),
+    ("euler_ancestral_karras", "euler_ancestral", "karras", "Euler a", "Karras"),
+    ("k_euler_a", "euler_ancestral", "normal", "Euler a", "Automatic"),
+    ("heun_simple", "heun", "simple", "Heun", "Simple"),
+    ("DPM2", "dpm_2", "normal", "DPM2", "Automatic"),
+    ("DPM2 a", "dpm_2_ancestral", "normal", "DPM2 a", "Automatic"),
+    ("DPM2 a Karras", "dpm_2_ancestral", "karras", "DPM2 a", "Karras"),
+    ("LMS Karras", "lms", "karras", "LMS", "Karras"),
+    ("DPM++ 2S a", "dpmpp_2s_ancestral", "normal", "DPM++ 2S a", "Normal"),
+    ("dpmpp_2s_ancestral", "dpmpp_2s_ancestral", "normal", "DPM++ 2S a", "Normal"),
+    ("DPM++ SDE Karras", "dpmpp_sde", "karras", "DPM++ SDE", "Karras"),
+    ("dpmpp_sde_gpu_exponential", "dpmpp_sde_gpu", "exponential", "DPM++ SDE", "Exponential"),
+    ("DPM++ 2M", "dpmpp_2m", "normal", "DPM++ 2M", "Normal"),
+    ("dpmpp_2m_karras", "dpmpp_2m", "karras", "DPM++ 2M", "Karras"),
+    ("k_dpmpp_2m_ka", "dpmpp_2m", "karras", "DPM++ 2M", "Karras"),
+    ("DPM++ 2M SDE Karras", "dpmpp_2m_sde", "karras", "DPM++ 2M SDE", "Karras"),
+    ("dpmpp_2m_sde_heun_karras", "dpmpp_2m_sde_heun", "karras", "DPM++ 2M SDE Heun", "Karras"),
+    ("DPM++ 3M SDE", "dpmpp_3m_sde", "normal", "DPM++ 3M SDE", "Normal"),
+    ("euler sgm_uniform", "euler", "sgm_uniform", "Euler", "SGM Uniform"),
+    ("Euler SGM Uniform", "euler", "sgm_uniform", "Euler", "SGM Uniform"),
+    ("Euler DDIM", "euler", "ddim_uniform", "Euler", "DDIM"),
+    ("Euler a Uniform", "euler_ancestral", "normal", "Euler a", "Automatic"),
+    ("euler_normal", "euler", "normal", "Euler", "Automatic"),
+    ("DPM++ 2M Automatic", "dpmpp_2m", "karras", "DPM++ 2M", "Karras"),
+    ("DPM++ 2M SDE Automatic", "dpmpp_2m_sde", "exponential", "DPM++ 2M SDE", "Exponential"),
+    ("euler_beta", "euler", "beta", "Euler", None),  # A1111's "Beta" is another schedule
+    ("ddim", "ddim", "normal", None, None),  # ComfyUI's ddim is Euler; A1111's DDIM is not
+    ("ddim_ddim_uniform", "ddim", "ddim_uniform", None, None),
+    ("lcm", "lcm", "normal", None, None),  # A1111's LCM has its own denoiser
+    ("lcm_sgm_uniform", "lcm", "sgm_uniform", None, None),
 ])
-def test_user_names_map_to_diffusers(name, cls, options):
+def test_user_names_resolve_to_comfyui_keys_and_a1111_labels(name, key, schedule, a1111_name, a1111_schedule):
     sampler = resolve_sampler(name)
-    assert sampler.scheduler_class == cls
-    assert options.items() <= dict(sampler.options).items()
+    assert (sampler.name, sampler.key, sampler.schedule) == (name, key, schedule)
+    assert (sampler.a1111_name, sampler.a1111_schedule) == (a1111_name, a1111_schedule)
 
 
-def test_inexact_matches_say_so():
-    assert resolve_sampler("dpmpp_2s_ancestral").exact is False
-    assert resolve_sampler("euler_a").exact is True
+def test_describe_is_comfyui_sampler_and_scheduler():
+    assert resolve_sampler("DPM++ 2M SDE Karras").describe() == "dpmpp_2m_sde karras"
+    assert resolve_sampler("Euler a").describe() == "euler_ancestral normal"
+
+
+def test_discard_penultimate_sigma_as_each_tool_does():
+    for name in ("dpm_2", "DPM2 a Karras"):
+        sampler = resolve_sampler(name)
+        assert sampler.discard_penultimate_sigma and sampler.a1111_discard_penultimate_sigma
+    three_m = resolve_sampler("dpmpp_3m_sde")  # A1111 discards for DPM++ 3M SDE, ComfyUI does not
+    assert not three_m.discard_penultimate_sigma and three_m.a1111_discard_penultimate_sigma
+    assert not resolve_sampler("euler").discard_penultimate_sigma
+
+
+def test_sampler_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolve_sampler("euler").key = "heun"
+    assert isinstance(resolve_sampler("euler"), Sampler)
 
 
 def test_fold_spellings():
     assert fold("DPM++ 2M SDE Karras") == "dpmpp_2m_sde_karras"
     assert fold(" Euler a ") == "euler_a"
+    assert fold("Euler SGM Uniform") == "euler_sgm_uniform"
 
 
-def test_unknown_and_unsupported_names():
-    with pytest.raises(SamplerError, match="unknown sampler 'warp'"):
+@pytest.mark.parametrize("name", ["uni_pc", "uni_pc_bh2", "UniPC", "deis", "plms", "PLMS", "dpm_fast",
+                                  "DPM adaptive", "dpm_adaptive", "Restart", "uni_pc_karras", "ipndm"])
+def test_samplers_we_cannot_run_exactly_are_refused(name):
+    with pytest.raises(SamplerError, match=re.escape(f"sampler '{name}' is not supported: ") + ".+; known: .*euler") as info:
+        resolve_sampler(name)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name, schedule", [("euler_kl_optimal", "kl_optimal"), ("DPM++ 2M Polyexponential",
+                                                                                  "polyexponential"),
+                                            ("dpmpp_2m_linear_quadratic", "linear_quadratic")])
+def test_schedules_we_cannot_run_exactly_are_refused(name, schedule):
+    with pytest.raises(SamplerError, match=re.escape(f"schedule '{schedule}' in sampler '{name}' is not supported; "
+                                                     "supported: normal, karras")):
+        resolve_sampler(name)
+
+
+def test_unknown_names_and_automatic_without_a1111_counterpart():
+    with pytest.raises(SamplerError, match=r"unknown sampler 'warp'; known: .*dpmpp_2m.*DPM\+\+ 2M"):
         resolve_sampler("warp")
-    with pytest.raises(SamplerError, match="has no diffusers scheduler"):
-        resolve_sampler("dpm_adaptive")
+    with pytest.raises(SamplerError, match="unknown sampler 'euler_cfg_pp'"):
+        resolve_sampler("euler_cfg_pp")
+    with pytest.raises(SamplerError, match="'Automatic' is A1111's default"):
+        resolve_sampler("lcm automatic")
 
 
-def test_every_known_name_builds_on_the_model_schedule_and_drops_solver_settings(tiny_model):
-    from diffusers import DPMSolverMultistepScheduler
-
-    base = dict(DPMSolverMultistepScheduler.load_config(tiny_model / "scheduler"))
-    base.update(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)  # a checkpoint's own choice
+def test_every_known_name_and_schedule_resolves_and_a1111_names_round_trip():
     for name in known_samplers():
-        scheduler = resolve_sampler(name).build(base)
-        assert type(scheduler).__name__ == resolve_sampler(name).scheduler_class
-        assert scheduler.config.beta_end == pytest.approx(0.012)
-    euler = resolve_sampler("euler").build(base)
-    assert not getattr(euler.config, "use_karras_sigmas", False)
+        for schedule in SCHEDULES:
+            sampler = resolve_sampler(f"{name} {schedule}")
+            assert sampler.schedule == schedule
+            if sampler.a1111_name:
+                again = resolve_sampler(f"{sampler.a1111_name} {sampler.a1111_schedule or ''}".strip())
+                assert again.a1111_name == sampler.a1111_name
+                if sampler.a1111_schedule not in (None, "Automatic"):
+                    assert again.schedule == schedule
+
+
+def test_sampler_names_are_checked_without_torch():
+    """Specs validate sampler names; that must not import torch."""
+    code = "import sys, farm.samplers as s; s.resolve_sampler('DPM++ 2M Karras'); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -38,7 +38,7 @@ def test_unknown_keys_are_rejected_at_every_level():
 @pytest.mark.parametrize("data, expected", [
     ({**BASE, "axes": {"size": ["1024x1024", "big"]}}, "axes.size[1]: 'big' is not WIDTHxHEIGHT"),
     ({**BASE, "defaults": {"prompt": "a", "width": 1020}}, "defaults.width: must be a multiple of 8"),
-    ({**BASE, "axes": {"sampler": ["euler", "dpm_fast"]}}, "axes.sampler[1]: sampler 'dpm_fast' has no diffusers"),
+    ({**BASE, "axes": {"sampler": ["euler", "dpm_fast"]}}, "axes.sampler[1]: sampler 'dpm_fast' is not supported: DPM fast ignores the schedule"),
     ({**BASE, "axes": {"sampler": ["eulr"]}}, "axes.sampler[0]: unknown sampler 'eulr'"),
     ({**BASE, "axes": {"seed": [1, -2]}}, "axes.seed[1]: must be -1"),
     ({**BASE, "axes": {"strength": [0.5]}}, "axes.strength sets a LoRA's strength"),
