@@ -141,7 +141,9 @@ class RunFolder:
     """One job's output folder: where images and manifest parts go, and how to read them back."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        # absolute: checkpoint paths read back from the training manifest are used as LoRA and
+        # model references, which a relative root would resolve against the spec's folder
+        self.root = Path(root).absolute()
         self.manifest_dir = self.root / "manifest"
         self.run_file = self.root / "run.json"
         self.train_dir = self.root / "train"

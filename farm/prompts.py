@@ -254,7 +254,7 @@ def _frame(tokenizer, content: list[int], weights: list[float], pad_id: int) -> 
 def _a1111_content(tokenizer, runs: list[tuple[str, float]]) -> list[tuple[list[int], list[float]]]:
     """webui's chunking: BREAK closes the chunk; a full chunk hands the tokens after its last comma
     (if that comma is at most A1111_COMMA_BACKTRACK tokens back) to the next chunk."""
-    comma = tokenizer.get_vocab().get(",</w>")
+    comma = tokenizer.convert_tokens_to_ids(",</w>")  # not get_vocab(): it copies 49k entries (40 ms)
     done: list[tuple[list[int], list[float]]] = []
     state = {"tokens": [], "weights": [], "comma": -1}
 

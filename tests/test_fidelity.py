@@ -97,3 +97,23 @@ def test_same_task_renders_identically_in_two_processes(tiny_model, sampler):
     runs = [subprocess.run([sys.executable, "-c", _RENDER_IN_A_FRESH_PROCESS, str(tiny_model), sampler],
                            capture_output=True, check=True).stdout for _ in range(2)]
     assert runs[0] == runs[1] and runs[0].startswith(b"\x89PNG")
+
+
+def _png(renderer, tiny_model, prompt: str, syntax: str = "a1111") -> np.ndarray:
+    result = renderer.render(farm_task(tiny_model, prompt=prompt, sampler="euler", prompt_syntax=syntax))
+    assert result.status == "ok", result.error
+    return np.asarray(Image.open(io.BytesIO(result.png)).convert("RGB"))
+
+
+@pytest.mark.parametrize("syntax", ["a1111", "comfyui"])
+def test_emphasis_renders_as_the_tools_read_it(renderer, tiny_model, syntax):
+    plain = _png(renderer, tiny_model, "photo of a man", syntax)
+    assert np.array_equal(_png(renderer, tiny_model, "(photo of a man:1.0)", syntax), plain)
+    assert not np.array_equal(_png(renderer, tiny_model, "(photo of a man:1.3)", syntax), plain)
+
+
+def test_text_after_token_75_still_changes_the_image(renderer, tiny_model):
+    """Past CLIP's 77 tokens the prompt goes on in a second chunk, as in A1111 and ComfyUI,
+    instead of being cut."""
+    head = " ".join(["portrait"] * 80)
+    assert not np.array_equal(_png(renderer, tiny_model, head + " red hat"), _png(renderer, tiny_model, head + " blue hat"))

@@ -148,7 +148,9 @@ def test_higher_priority_job_takes_the_pool_first(service, lora_dir, tmp_path):
 def test_pause_resume_cancel_and_resubmit(service, lora_dir, tmp_path):
     loras = sorted(lora_dir.glob("*.safetensors"))[:2]
     total = 300  # 150 seeds x 2 LoRAs: long enough to pause and cancel mid-run on an idle machine
-    job = submit(service, write_job(tmp_path, "ctl", loras, total // 2, steps=4))
+    # (8 steps: the pause control job takes ~13 s to reach the keeper under load; at 4 steps the
+    # job could finish first)
+    job = submit(service, write_job(tmp_path, "ctl", loras, total // 2, steps=8))
     service.wait_for(lambda: len(images(service, "ctl")) >= 4, what="the job to render")
     paused = service.farm("pause", job)
     assert paused.returncode == 0, paused.stderr

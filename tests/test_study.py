@@ -191,11 +191,17 @@ def test_subject_lora_study_runs_at_tiny_scale(farm_cache, tmp_path):
     import subprocess
     import sys
 
+    # typed as people type it: a relative --out, from a folder that is neither the repo nor the spec's
     out = tmp_path / "study"
-    command = [sys.executable, "-m", "farm.cli", "run", "jobs/subject-lora-study/study.yaml", "--scale", "tiny",
-               "--out", str(out), "--gpus", "2", "--quiet", "--local"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    command = [sys.executable, "-m", "farm.cli", "run", str(ROOT / "jobs/subject-lora-study/study.yaml"),
+               "--scale", "tiny", "--out", "study", "--gpus", "2", "--quiet", "--local"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    # resumed, it finds its checkpoints under the run folder (they were once looked up beside the
+    # spec) and has nothing left to train or render
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "evaluation: 0 rendered, 0 failed" in again.stdout, again.stdout[-2000:]
     folder = RunFolder(out)
     assert len(folder.read_checkpoints()) == 28
     table = folder.read()
