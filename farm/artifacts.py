@@ -7,9 +7,11 @@ checkpoint takes a while, so hashes are cached by (path, size, mtime).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 from .errors import LoraError, ModelError
@@ -46,6 +48,35 @@ def inside_roots(given: Path, base: Path, error: type[Exception] = ModelError) -
         raise error(f"{given}: resolves outside the folders jobs may read ({', '.join(map(str, roots))}); "
                     "add its folder to SDFARM_ROOTS")
     return path
+
+
+def open_regular(path: Path, error: type[Exception] = ModelError):
+    """`path` (as inside_roots returns it: resolved) opened for reading in binary, refused unless it is
+    a regular file. Its last part is not followed if it became a symlink since it was checked, and a
+    FIFO or device put in its place is refused instead of blocking the planner."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        reason = "became a symlink after it was checked" if exc.errno == errno.ELOOP else exc.strerror
+        raise error(f"{path}: cannot read ({reason})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise error(f"{path}: not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: Path, limit: int, error: type[Exception] = ModelError) -> bytes:
+    """At most `limit + 1` bytes of a regular file (see open_regular): more than `limit` tells the
+    caller the file is too large without reading all of it."""
+    with open_regular(path, error) as handle:
+        try:
+            return handle.read(limit + 1)
+        except OSError as exc:
+            raise error(f"{path}: cannot read ({exc.strerror})") from None
 
 
 def _in_run_folder(path: Path) -> bool:

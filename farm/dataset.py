@@ -9,24 +9,65 @@ or a kohya dataset TOML (`[[datasets]]` / `[[datasets.subsets]]`). A missing cap
 the folder's `<token> <class>`. The epoch is built as sd-scripts builds it: every image repeated
 `num_repeats` times into its aspect-ratio bucket; regularization images are repeated (or cut) until
 they match the instance count, which is why "regularization doubles the steps"; each bucket is cut
-into batches. So `steps per epoch = Σ ceil(len(bucket) / batch_size)`, exactly sd-scripts' number.
+into batches. So `steps per epoch = Σ ceil(len(bucket) / batch_size)`, exactly sd-scripts' number,
+counted per bucket by arithmetic (an epoch is never expanded image by image to be measured).
+
+Datasets come from users and over the network, so they are read under the farm's path policy
+(artifacts.allowed_roots: a symlinked folder, image or caption is followed only into an allowed
+folder) and checked before any training starts: every image is decoded once (header, pixel limit,
+truncation), captions are UTF-8 and read as sd-scripts reads them (first line), repeats and epoch
+sizes are bounded. Each problem is a one-line SpecError naming the file. The limits are the
+farm's (environment of the head, like spec.py's `farm_limit`): SDFARM_MAX_REPEATS,
+SDFARM_MAX_EPOCH_IMAGES, SDFARM_MAX_IMAGE_PIXELS, SDFARM_MAX_CAPTION_BYTES.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import tomllib
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .errors import SpecError
+from .errors import SpecError, first_line
+from .spec import MAX_SPEC_BYTES, farm_limit
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+_PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what those suffixes hold; no other decoder ever runs
 _FOLDER = re.compile(r"^(\d+)_(.+)$")
+_LINE_END = re.compile(r"\r\n|\r|\n")  # Python's universal newlines: what sd-scripts' readlines splits on
+
+
+def max_repeats() -> int:
+    return farm_limit("REPEATS", 10_000)
+
+
+def max_epoch_images() -> int:
+    """Images × repeats in one epoch (instances plus the reg images matched to them)."""
+    return farm_limit("EPOCH_IMAGES", 1_000_000)
+
+
+def max_image_pixels() -> int:
+    return farm_limit("IMAGE_PIXELS", 8192 * 8192)
+
+
+def max_caption_bytes() -> int:
+    return farm_limit("CAPTION_BYTES", 64 << 10)
+
+
+def check_repeats(repeats, where: str) -> int:
+    """A subset's `num_repeats`: a whole number from 1 to the farm's SDFARM_MAX_REPEATS. sd-scripts
+    silently skips a subset below 1; here it is refused, as a typo would otherwise drop the folder."""
+    limit = max_repeats()
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or not 1 <= repeats <= limit:
+        raise SpecError(f"{where}: repeats must be a whole number from 1 to {limit:,} "
+                        f"(this farm's SDFARM_MAX_REPEATS), not {str(repeats)[:40]}")
+    return repeats
 
 
 @dataclass(frozen=True)
@@ -132,25 +173,58 @@ class Dataset:
     def num_reg_images(self) -> int:
         return sum(i.subset.num_repeats for i in self.regs)
 
+    def reg_repeats(self) -> list[int]:
+        """How often each reg image (in `regs` order) appears in one epoch. sd-scripts' loop: a first
+        pass adds each image `num_repeats` times, later passes one at a time, until the reg count
+        reaches the instance count. Worked out by arithmetic, so any count costs nothing."""
+        regs = self.regs
+        target, counts, total = self.num_train_images, [0] * len(regs), 0
+        if not regs or target <= 0:
+            return counts
+        for index, item in enumerate(regs):
+            counts[index] = item.subset.num_repeats
+            total += counts[index]
+            if total >= target:
+                return counts
+        rounds, extra = divmod(target - total, len(regs))
+        return [count + rounds + (index < extra) for index, count in enumerate(counts)]
+
+    def epoch_size(self) -> int:
+        return self.num_train_images + sum(self.reg_repeats())
+
     def epoch_entries(self) -> list[ImageItem]:
         """Every image as often as it appears in one epoch (before bucketing)."""
         entries = [item for item in self.instances for _ in range(item.subset.num_repeats)]
-        regs = self.regs
-        if not regs:
-            return entries
-        # As sd-scripts: first pass adds each reg image `num_repeats` times, later passes one at a
-        # time, until the reg count reaches the instance count.
-        target, count, first_pass = len(entries), 0, True
-        repeats = {item.path: 0 for item in regs}
-        while count < target:
-            for item in regs:
-                added = item.subset.num_repeats if first_pass else 1
-                repeats[item.path] += added
-                count += added
-                if count >= target:
-                    break
-            first_pass = False
-        return entries + [item for item in regs for _ in range(repeats[item.path])]
+        return entries + [item for item, count in zip(self.regs, self.reg_repeats()) for _ in range(count)]
+
+    def bucket_of(self, item: ImageItem) -> tuple[int, int]:
+        """The item's bucket, refused (naming the image) when it has no usable bucket or training
+        would have to blow it up past the farm's pixel limit to cover one."""
+        try:
+            width, height = self.buckets.bucket_for(item.width, item.height)
+        except ZeroDivisionError:
+            width = height = 0
+        if width < 8 or height < 8:
+            raise SpecError(f"{item.path}: {item.width}x{item.height} has no bucket at these settings "
+                            "(too small or too narrow)")
+        scale = max(width / item.width, height / item.height)
+        cover = max(width, round(item.width * scale)) * max(height, round(item.height * scale))
+        if cover > max_image_pixels():
+            raise SpecError(f"{item.path}: {item.width}x{item.height} is too narrow: covering its {width}x{height} "
+                            f"bucket takes {cover:,} pixels, over this farm's SDFARM_MAX_IMAGE_PIXELS")
+        return (width, height)
+
+    def bucket_counts(self) -> dict[tuple[int, int], int]:
+        """Images per bucket in one epoch, repeats included (counted, never expanded)."""
+        counts: Counter = Counter()
+        seen: dict[tuple[int, int], tuple[int, int]] = {}
+        for item, count in [(i, i.subset.num_repeats) for i in self.instances] + list(zip(self.regs, self.reg_repeats())):
+            if count:
+                size = (item.width, item.height)
+                if size not in seen:
+                    seen[size] = self.bucket_of(item)
+                counts[seen[size]] += count
+        return dict(sorted(counts.items()))
 
     def bucketed(self) -> dict[tuple[int, int], list[ImageItem]]:
         buckets: dict[tuple[int, int], list[ImageItem]] = {}
@@ -159,7 +233,17 @@ class Dataset:
         return dict(sorted(buckets.items()))
 
     def batches_per_epoch(self) -> int:
-        return sum(math.ceil(len(items) / self.batch_size) for items in self.bucketed().values())
+        return sum(math.ceil(count / self.batch_size) for count in self.bucket_counts().values())
+
+    def check(self) -> None:
+        """What would make training impossible or unbounded, refused before it starts."""
+        where = Path(self.subsets[0].image_dir).parent if self.subsets else "dataset"
+        if not self.instances:
+            raise SpecError(f"{where}: no instance (non-reg) images to train on")
+        size, limit = self.epoch_size(), max_epoch_images()
+        if size > limit:
+            raise SpecError(f"{where}: one epoch is {size:,} images × repeats, over this farm's "
+                            f"{limit:,} (SDFARM_MAX_EPOCH_IMAGES)")
 
     def epoch_batches(self, seed: int, epoch: int) -> list[list[ImageItem]]:
         """One epoch's batches in a deterministic shuffled order: (seed, epoch) fixes it, so a
@@ -174,62 +258,173 @@ class Dataset:
         return batches
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
-        """kohya's `ss_tag_frequency`: per folder, how often each comma-separated tag appears."""
+        """kohya's `ss_tag_frequency`: per folder, how often each comma-separated tag appears. Only
+        captions `load_items` read (first lines of caption files inside the dataset) count."""
         result: dict[str, Counter] = {}
         for item in self.items:
             folder = Path(item.subset.image_dir).name
-            tags = [t.strip() for t in item.caption.split(",") if t.strip()]
+            tags = [t.strip().lower() for t in item.caption.split(",") if t.strip()]  # lower-cased, as kohya
             result.setdefault(folder, Counter()).update(tags)
         return {folder: dict(counter) for folder, counter in result.items()}
 
 
-def read_caption(image: Path, subset: Subset) -> str:
-    """The sidecar caption (`IMG.txt`), or the folder's `<token> <class>` when there is none."""
-    sidecar = image.with_suffix(subset.caption_extension)
-    if sidecar.is_file():
-        text = sidecar.read_text(encoding="utf-8").strip()
-        if text:
-            return text
-    return subset.class_tokens
+def _inside(path: Path, base: Optional[Path]) -> Path:
+    """`path` resolved, refused unless it lies in the folders jobs may read (see artifacts)."""
+    from .artifacts import inside_roots
+
+    return inside_roots(path, base if base is not None else path.parent, SpecError)
+
+
+def read_caption(image: Path, subset: Subset, base: Optional[Path] = None) -> str:
+    """The sidecar caption (`IMG.txt`), or the folder's `<token> <class>` when there is none.
+
+    Read as sd-scripts reads it: UTF-8 (anything else fails, in sd-scripts too), first line only,
+    stripped. The file may be a symlink only into the allowed folders, and is at most
+    SDFARM_MAX_CAPTION_BYTES. An empty first line falls back to the folder's tokens."""
+    from .artifacts import read_regular
+
+    extension = subset.caption_extension
+    if "/" in extension or os.sep in extension or "\0" in extension:
+        raise SpecError(f"{subset.image_dir}: caption extension {extension!r} is not a file suffix")
+    sidecar = image.parent / (image.stem + extension)  # sd-scripts: splitext(image)[0] + extension
+    if not os.path.lexists(sidecar):
+        return subset.class_tokens
+    path = _inside(sidecar, base)
+    if not path.is_file():  # a dangling link or a folder inside the roots: no caption, as in sd-scripts
+        return subset.class_tokens
+    limit = max_caption_bytes()
+    data = read_regular(path, limit, SpecError)
+    if len(data) > limit:
+        raise SpecError(f"{sidecar}: caption file over {limit:,} bytes (this farm's SDFARM_MAX_CAPTION_BYTES; "
+                        "sd-scripts reads only its first line)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{sidecar}: caption is not UTF-8 text (byte {exc.start}); sd-scripts refuses it too") from None
+    return _LINE_END.split(text, maxsplit=1)[0].strip() or subset.class_tokens
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    limit = max_epoch_images()
+    images = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                name = entry.name
+                if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
+                    images.append(folder / name)
+                    if len(images) > limit:
+                        raise SpecError(f"{folder}: more than {limit:,} images (this farm's SDFARM_MAX_EPOCH_IMAGES)")
+    except OSError as exc:
+        raise SpecError(f"{folder}: cannot list ({exc.strerror})") from None
+    return sorted(images)
 
 
-def scan_subsets(root: Path, is_reg: bool, caption_extension: str = ".txt", keep_tokens: int = 0) -> list[Subset]:
-    """kohya's folder convention: each sub-folder `<repeats>_<tokens>` is one subset."""
+def _repeats_of(folder: Path, digits: str) -> int:
+    if len(digits) > 12:  # never int() an absurd digit string
+        return check_repeats(10 ** 12, str(folder))
+    return check_repeats(int(digits), str(folder))
+
+
+def scan_subsets(root: Path, is_reg: bool, caption_extension: str = ".txt", keep_tokens: int = 0,
+                 base: Optional[Path] = None) -> list[Subset]:
+    """kohya's folder convention: each sub-folder `<repeats>_<tokens>` is one subset. A symlinked
+    sub-folder must point into the folders jobs may read (`base`: the spec's folder)."""
     if not root.is_dir():
         raise SpecError(f"{root}: image folder not found")
+    try:
+        folders = sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError as exc:
+        raise SpecError(f"{root}: cannot list ({exc.strerror})") from None
+    if len(folders) > max_epoch_images():
+        raise SpecError(f"{root}: more sub-folders than this farm's SDFARM_MAX_EPOCH_IMAGES")
     subsets = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in folders:
         match = _FOLDER.match(folder.name)
         if not match:
             raise SpecError(f"{folder}: kohya folders are named '<repeats>_<token> <class>', e.g. '9_w0ut3r man'")
-        subsets.append(Subset(image_dir=str(folder), num_repeats=int(match[1]), class_tokens=match[2].strip(),
+        repeats = _repeats_of(folder, match[1])
+        _inside(folder, base if base is not None else root)
+        subsets.append(Subset(image_dir=str(folder), num_repeats=repeats, class_tokens=match[2].strip(),
                               is_reg=is_reg, caption_extension=caption_extension, keep_tokens=keep_tokens))
     if not subsets:
         raise SpecError(f"{root}: no '<repeats>_<token> <class>' sub-folders")
     return subsets
 
 
-def load_items(subsets: list[Subset]) -> list[ImageItem]:
-    from PIL import Image
+def check_image(path: Path) -> tuple[int, int]:
+    """(width, height) of an image that training can read: a PNG, JPEG, WebP or BMP (by content),
+    at most SDFARM_MAX_IMAGE_PIXELS, decoded once to the end (a truncated or corrupt file fails
+    here, not in a training worker). JPEGs are decoded at 1/8 scale: the whole stream is still read."""
+    from PIL import Image, UnidentifiedImageError
 
+    from .artifacts import open_regular
+
+    limit = max_image_pixels()
+    stamp = _stamp(path, limit)
+    if stamp in _CHECKED:
+        return _CHECKED[stamp]
+    over = f"over this farm's {limit:,}-pixel limit (SDFARM_MAX_IMAGE_PIXELS; a decompression bomb?)"
+    try:
+        with open_regular(path, SpecError) as handle, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(handle, formats=_PIL_FORMATS) as image:
+                width, height = image.size
+                if width < 1 or height < 1:
+                    raise SpecError(f"{path}: {width}x{height} is not an image size")
+                if width * height > limit:
+                    raise SpecError(f"{path}: {width}x{height} is {over}")
+                if image.format == "JPEG":
+                    image.draft(None, (max(1, width // 8), max(1, height // 8)))
+                image.load()
+    except SpecError:
+        raise
+    except Image.DecompressionBombError:
+        raise SpecError(f"{path}: {over}") from None
+    except UnidentifiedImageError:
+        raise SpecError(f"{path}: not a PNG, JPEG, WebP or BMP image") from None
+    except Exception as exc:  # Pillow raises many types on hostile bytes; each means "unusable image"
+        raise SpecError(f"{path}: not a readable image ({type(exc).__name__}: {first_line(exc, 160)})") from None
+    if stamp is not None:
+        if len(_CHECKED) >= 1 << 20:
+            _CHECKED.clear()
+        _CHECKED[stamp] = (width, height)
+    return width, height
+
+
+# Images already checked by this process, by (path, inode, size, mtime, pixel limit): `farm plan`
+# builds a variant's dataset per variant, and a file that changed is checked again.
+_CHECKED: dict[tuple, tuple[int, int]] = {}
+
+
+def _stamp(path: Path, limit: int) -> Optional[tuple]:
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return (str(path), info.st_ino, info.st_size, info.st_mtime_ns, limit)
+
+
+def load_items(subsets: list[Subset], base: Optional[Path] = None) -> list[ImageItem]:
+    """Every subset's images with their captions and sizes, each image checked (check_image) and
+    kept to the folders jobs may read (`base`: the spec's folder; default: the subset's folder)."""
     items = []
+    limit = max_epoch_images()
     for subset in subsets:
-        if not Path(subset.image_dir).is_dir():
+        folder = Path(subset.image_dir)
+        if not folder.is_dir():
             raise SpecError(f"{subset.image_dir}: image folder not found")
-        images = list_images(Path(subset.image_dir))
+        folder_base = base if base is not None else folder
+        _inside(folder, folder_base)
+        images = list_images(folder)
         if not images:
             raise SpecError(f"{subset.image_dir}: no images")
+        if len(items) + len(images) > limit:
+            raise SpecError(f"{subset.image_dir}: the dataset has more than {limit:,} images "
+                            "(this farm's SDFARM_MAX_EPOCH_IMAGES)")
         for image in images:
-            try:
-                with Image.open(image) as handle:
-                    width, height = handle.size
-            except OSError as exc:
-                raise SpecError(f"{image}: not a readable image: {exc}") from None
-            items.append(ImageItem(str(image), read_caption(image, subset), width, height, subset))
+            width, height = check_image(_inside(image, folder_base))
+            items.append(ImageItem(str(image), read_caption(image, subset, folder_base), width, height, subset))
     return items
 
 
@@ -247,18 +442,82 @@ def _resolution(value) -> tuple[int, int]:
     return (int(width), int(height or width))
 
 
-def load_dataset_toml(path: Path) -> tuple[list[Subset], dict]:
-    """The parts of kohya's dataset TOML that map onto this farm; anything else is an error."""
+def _whole(lo: int, hi: int):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"must be a whole number from {lo} to {hi}")
+        return value
+
+    return check
+
+
+def _of_type(kind: type, name: str):
+    def check(value):
+        if not isinstance(value, kind):
+            raise ValueError(f"must be {name}")
+        return value
+
+    return check
+
+
+def _toml_resolution(value) -> tuple[int, int]:
+    side = _whole(64, farm_limit("SIDE", 8192))
+    if isinstance(value, list) and len(value) == 2:
+        sides = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d{1,6}\s*(,\s*\d{1,6}\s*)?", value):
+        sides = [int(part) for part in value.split(",")] * (1 if "," in value else 2)
+    else:
+        sides = [value, value]
+    for number in sides:
+        side(number)
+        if number % 8:
+            raise ValueError(f"must be a multiple of 8 (SDXL's VAE scale factor), got {number}")
+    return (sides[0], sides[1])
+
+
+_TOML_CHECKS = {
+    "resolution": _toml_resolution, "batch_size": lambda value: _whole(1, farm_limit("BATCH", 64))(value),
+    "enable_bucket": _of_type(bool, "true or false"),
+    "min_bucket_reso": _whole(64, 8192), "max_bucket_reso": _whole(64, 8192), "bucket_reso_steps": _whole(8, 1024),
+    "bucket_no_upscale": _of_type(bool, "true or false"), "caption_extension": _of_type(str, "a string"),
+    "keep_tokens": _whole(0, 1000), "image_dir": _of_type(str, "a string"), "class_tokens": _of_type(str, "a string"),
+    "is_reg": _of_type(bool, "true or false"),
+}
+
+
+def _toml_value(path: Path, where: str, key: str, value):
+    if key == "num_repeats":
+        return check_repeats(value, f"{path}: {where}.num_repeats")
     try:
-        config = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise SpecError(f"{path}: cannot read dataset TOML: {exc}") from None
+        return _TOML_CHECKS[key](value)
+    except ValueError as exc:
+        raise SpecError(f"{path}: {where}.{key}: {exc}") from None
+
+
+def load_dataset_toml(path: Path, base: Optional[Path] = None) -> tuple[list[Subset], dict]:
+    """The parts of kohya's dataset TOML that map onto this farm; anything else is an error.
+    `image_dir`s are relative to the TOML and must lie in the folders jobs may read (`base`: the
+    spec's folder; default: the TOML's)."""
+    from .artifacts import read_regular
+
+    path = _inside(path, base)
+    data = read_regular(path, MAX_SPEC_BYTES, SpecError)
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: a dataset TOML is at most {MAX_SPEC_BYTES >> 20} MB")
+    try:
+        config = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: cannot read dataset TOML: not UTF-8 (byte {exc.start})") from None
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError is a ValueError; so is a 5,000-digit int
+        raise SpecError(f"{path}: cannot read dataset TOML: {first_line(exc, 200)}") from None
     unknown = set(config) - {"general", "datasets"}
     if unknown:
         raise SpecError(f"{path}: {sorted(unknown)[0]}: not supported in dataset TOML")
-    general = dict(config.get("general", {}))
+    general = config.get("general", {})
     datasets = config.get("datasets", [])
-    if len(datasets) != 1:
+    if not isinstance(general, dict):
+        raise SpecError(f"{path}: general: must be a table")
+    if not isinstance(datasets, list) or len(datasets) != 1 or not isinstance(datasets[0], dict):
         raise SpecError(f"{path}: datasets: exactly one [[datasets]] table is supported")
     dataset = dict(datasets[0])
     raw_subsets = dataset.pop("subsets", [])
@@ -266,21 +525,31 @@ def load_dataset_toml(path: Path) -> tuple[list[Subset], dict]:
     for key in settings:
         if key not in _TOML_GENERAL:
             raise SpecError(f"{path}: datasets.{key}: not supported (supported: {', '.join(sorted(_TOML_GENERAL))})")
+        settings[key] = _toml_value(path, "datasets", key, settings[key])
+    if not isinstance(raw_subsets, list) or not all(isinstance(raw, dict) for raw in raw_subsets):
+        raise SpecError(f"{path}: datasets.subsets: must be [[datasets.subsets]] tables")
+    if len(raw_subsets) > max_epoch_images():
+        raise SpecError(f"{path}: datasets.subsets: more than this farm's SDFARM_MAX_EPOCH_IMAGES")
     subsets = []
     for index, raw in enumerate(raw_subsets):
+        where = f"datasets.subsets[{index}]"
         for key in raw:
             if key not in _TOML_SUBSET:
-                raise SpecError(f"{path}: datasets.subsets[{index}].{key}: not supported")
+                raise SpecError(f"{path}: {where}.{key}: not supported")
         if "image_dir" not in raw:
-            raise SpecError(f"{path}: datasets.subsets[{index}].image_dir: required")
-        image_dir = data_path(str(raw["image_dir"]), path.parent)
+            raise SpecError(f"{path}: {where}.image_dir: required")
+        raw = {key: _toml_value(path, where, key, value) for key, value in raw.items()}
+        try:
+            image_dir = data_path(raw["image_dir"], path.parent, base)
+        except SpecError as exc:
+            raise SpecError(f"{path}: {where}.image_dir: {exc}") from None
         subsets.append(Subset(
-            image_dir=str(image_dir), num_repeats=int(raw.get("num_repeats", 1)),
-            class_tokens=str(raw.get("class_tokens", "")), is_reg=bool(raw.get("is_reg", False)),
+            image_dir=str(image_dir), num_repeats=raw.get("num_repeats", 1),
+            class_tokens=raw.get("class_tokens", ""), is_reg=raw.get("is_reg", False),
             caption_extension=raw.get("caption_extension", settings.get("caption_extension", ".caption")),
-            keep_tokens=int(raw.get("keep_tokens", settings.get("keep_tokens", 0)))))
-    if "resolution" in settings:
-        settings["resolution"] = _resolution(settings["resolution"])
+            keep_tokens=raw.get("keep_tokens", settings.get("keep_tokens", 0))))
+    if not any(not subset.is_reg for subset in subsets):
+        raise SpecError(f"{path}: datasets.subsets: no instance (is_reg = false) subset to train on")
     return subsets, settings
 
 
@@ -306,7 +575,10 @@ class StepMath:
 
 def step_math(dataset: Dataset, gradient_accumulation_steps: int = 1, max_train_epochs: Optional[int] = None,
               max_train_steps: Optional[int] = None) -> StepMath:
-    """sd-scripts' numbers: epochs win over steps when both are given; 1600 steps by default."""
+    """sd-scripts' numbers: epochs win over steps when both are given; 1600 steps by default.
+    The dataset is checked first (Dataset.check): no instances or an epoch over the farm's limit
+    is refused, so every number here is finite and small enough to train."""
+    dataset.check()
     batches = dataset.batches_per_epoch()
     per_epoch = math.ceil(batches / gradient_accumulation_steps)
     if max_train_epochs is not None:
@@ -322,29 +594,33 @@ def step_math(dataset: Dataset, gradient_accumulation_steps: int = 1, max_train_
                     epochs, gui)
 
 
-def data_path(reference: str, base: Path) -> Path:
-    """A dataset folder: relative to the spec, or inside the built-in `tiny:subject` dataset."""
+def data_path(reference: str, base: Path, roots_base: Optional[Path] = None) -> Path:
+    """A dataset folder or file: relative to `base` (the spec's folder), or inside the built-in
+    `tiny:subject` dataset; resolved, and refused outside the folders jobs may read (computed for
+    `roots_base`, default `base`), as models and LoRAs are."""
+    from .artifacts import inside_roots
     from .tiny import TINY_SUBJECT, resolve_tiny
 
+    roots_base = roots_base if roots_base is not None else base
     if reference.startswith(TINY_SUBJECT):
-        return resolve_tiny(TINY_SUBJECT) / reference[len(TINY_SUBJECT):].lstrip("/")
-    from .artifacts import inside_roots
-
-    return inside_roots(base / reference, base, SpecError)
+        return inside_roots(resolve_tiny(TINY_SUBJECT) / reference[len(TINY_SUBJECT):].lstrip("/"), roots_base,
+                            SpecError)
+    return inside_roots(base / reference, roots_base, SpecError)
 
 
 def dataset_for(options, base: Path) -> Dataset:
     """The Dataset a run's TrainOptions describe (kohya folders or a kohya dataset TOML)."""
     settings: dict = {}
     if options.dataset_config:
-        subsets, settings = load_dataset_toml(data_path(options.dataset_config, base))
+        subsets, settings = load_dataset_toml(data_path(options.dataset_config, base), base)
     else:
         subsets = scan_subsets(data_path(options.train_data_dir, base), False, options.caption_extension,
-                               options.keep_tokens)
+                               options.keep_tokens, base)
         if options.reg_data_dir:
             subsets += scan_subsets(data_path(options.reg_data_dir, base), True,
-                                    options.reg_caption_extension or options.caption_extension, options.keep_tokens)
+                                    options.reg_caption_extension or options.caption_extension, options.keep_tokens,
+                                    base)
     bucket_keys = ("enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
     buckets = Buckets(resolution=tuple(settings.get("resolution", options.resolution)),
                       **{key: settings.get(key, getattr(options, key)) for key in bucket_keys})
-    return Dataset(subsets, load_items(subsets), buckets, settings.get("batch_size", options.train_batch_size))
+    return Dataset(subsets, load_items(subsets, base), buckets, settings.get("batch_size", options.train_batch_size))

@@ -161,18 +161,28 @@ class Expander:
         """The job's styles CSV: name → (prompt, negative_prompt), read once."""
         if self._styles is None:
             import csv
+            import io
 
-            from .artifacts import inside_roots
+            from .artifacts import inside_roots, read_regular
+            from .errors import first_line
+            from .spec import MAX_SPEC_BYTES
 
             try:
                 path = inside_roots(self.spec_dir / self.job.styles, self.spec_dir)
             except FarmError as exc:
                 raise self.fail("styles", str(exc)) from None
             try:
-                with open(path, newline="", encoding="utf-8") as handle:
-                    rows = list(csv.DictReader(handle))
-            except OSError as exc:
-                raise self.fail("styles", f"{path}: cannot read: {exc.strerror}") from None
+                data = read_regular(path, MAX_SPEC_BYTES, SpecError)
+            except FarmError as exc:
+                raise self.fail("styles", str(exc)) from None
+            if len(data) > MAX_SPEC_BYTES:
+                raise self.fail("styles", f"{path}: a styles CSV is at most {MAX_SPEC_BYTES >> 20} MB")
+            try:
+                rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
+            except UnicodeDecodeError as exc:
+                raise self.fail("styles", f"{path}: not UTF-8 text (byte {exc.start})") from None
+            except csv.Error as exc:  # e.g. a field over the csv module's 128 KB limit
+                raise self.fail("styles", f"{path}: not a readable CSV ({first_line(exc)})") from None
             if rows and "name" not in rows[0]:
                 raise self.fail("styles", f"{path}: a styles CSV has the columns name,prompt,negative_prompt")
             self._styles = {r["name"]: (r.get("prompt") or "", r.get("negative_prompt") or "") for r in rows}
@@ -316,7 +326,10 @@ class Expander:
             return prompt, []
         loras = []
         for match in _LORA_TAG.finditer(prompt):
-            weight = float(match[2]) if match[2] else 1.0
+            try:
+                weight = float(match[2]) if match[2] else 1.0
+            except ValueError:  # `1.2.3`, `.`: A1111 cannot read it either
+                raise self.fail("prompt", f"{match[0]}: strength {match[2]!r} is not a number") from None
             if not 0 <= weight <= 2:
                 raise self.fail("prompt", f"{match[0]}: strength must be between 0 and 2")
             loras.append(self.lora(match[1], weight, self.lora_dir, f"prompt {match[0]}"))

@@ -32,14 +32,14 @@ def reg_prompts(reg: RegSet, base: Path) -> tuple[list[str], str]:
     """The prompts of a reg set and the class word its folder is named after."""
     if reg.prompt:
         return [reg.prompt], reg.class_word
-    subsets = [s for s in scan_subsets(data_path(reg.from_captions, base), False)]
+    subsets = [s for s in scan_subsets(data_path(reg.from_captions, base), False, base=base)]
     words = subsets[0].class_tokens.split()
     token = reg.token or (words[0] if len(words) > 1 else "")
     class_word = reg.class_word or (" ".join(words[1:]) if len(words) > 1 else words[0])
     if not token:
         raise SpecError(f"{reg.from_captions}: cannot tell the instance token from '{subsets[0].class_tokens}'; "
                         "set token")
-    prompts = [strip_token(item.caption, token) for item in load_items(subsets)]
+    prompts = [strip_token(item.caption, token) for item in load_items(subsets, base)]
     return list(dict.fromkeys(p for p in prompts if p)), class_word
 
 
