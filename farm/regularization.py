@@ -35,7 +35,9 @@ def reg_prompts(reg: RegSet, base: Path) -> tuple[list[str], str]:
     subsets = [s for s in scan_subsets(data_path(reg.from_captions, base), False, base=base)]
     words = subsets[0].class_tokens.split()
     token = reg.token or (words[0] if len(words) > 1 else "")
-    class_word = reg.class_word or (" ".join(words[1:]) if len(words) > 1 else words[0])
+    class_word = reg.class_word or " ".join(words[1:] if len(words) > 1 else words)
+    if not class_word:
+        raise SpecError(f"{reg.from_captions}: folder {subsets[0].class_tokens!r} names no class word; set class_word")
     if not token:
         raise SpecError(f"{reg.from_captions}: cannot tell the instance token from '{subsets[0].class_tokens}'; "
                         "set token")

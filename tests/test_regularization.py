@@ -26,6 +26,15 @@ def test_prompts_come_from_captions_without_the_token(tmp_path):
     assert prompts == ["photo of a man, from front", "photo of a man, from side", "photo of a man, looking away"]
 
 
+def test_a_folder_naming_no_class_word_is_a_one_line_error(tmp_path):
+    from farm.errors import SpecError
+
+    write_tiny_dataset(tmp_path, images=1, repeats=1)
+    (tmp_path / "img" / "1_w0ut3r man").rename(tmp_path / "img" / "1_ ")
+    with pytest.raises(SpecError, match="names no class word; set class_word"):
+        reg_prompts(RegSet(from_captions="img"), tmp_path)
+
+
 def test_generated_sets_in_kohya_layout_and_reused(ray_cluster, tmp_path):
     write_tiny_dataset(tmp_path, images=2, repeats=3)
     job = parse_spec({"job": "r", "model": "tiny:sdxl",
