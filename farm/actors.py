@@ -43,6 +43,7 @@ class Source:
 
     node_id: str
     server: str  # named ArtifactServer actor on that node
+    options: PipelineOptions | None = None  # the job's pipeline options (a shared worker takes them on)
 
 
 class GpuWorker:
@@ -73,10 +74,25 @@ class GpuWorker:
         return renderer
 
     def _retire_renderer(self) -> None:
+        """Count what the renderer loaded, then let go of its pipeline (collected, CUDA cache
+        emptied) so that what comes next has the whole card."""
+        self.renderer.close()
         self.counters["pipeline_loads"] += self.renderer.pipeline_loads
-        self.counters["lora_loads"] += self.renderer.adapters.loads if self.renderer.adapters else 0
+        self.counters["lora_loads"] += self.renderer.retired_lora_loads
+
+    def _take_options(self, options: PipelineOptions) -> None:
+        """A shared worker serves jobs with their own --dtype, --cpu-offload, ...: a job whose
+        options differ gets a fresh renderer (the old pipeline released first)."""
+        if not torch_cuda_available():
+            options = replace(options, threads=options.threads or self.options.threads or 1)
+        if options != self.options:
+            self._retire_renderer()
+            self.options = options
+            self.renderer = self._new_renderer()
 
     def render_batch(self, tasks: list[Task], source: Source | None = None) -> list[RenderResult]:
+        if source is not None and source.options is not None:
+            self._take_options(source.options)
         self._source = source
         results = self.renderer.render_many(tasks)
         self.counters["rendered"] += sum(r.status == "ok" for r in results)
@@ -101,13 +117,17 @@ class GpuWorker:
 
     def train(self, job) -> Iterator:
         """Run one training run (a `train.TrainRun`), yielding each Checkpoint as it is saved."""
+        from .memory import release
         from .train import train_run
 
         self._retire_renderer()
         self.renderer = self._new_renderer()  # drop the render pipeline first
         on_step = lambda step, loss, seconds: record_train_step(job.run, self.node, loss, seconds)  # noqa: E731
-        for checkpoint in train_run(job, self.options.device, on_step=on_step):
-            yield replace(checkpoint, node=self.node)
+        try:
+            for checkpoint in train_run(job, self.options.device, on_step=on_step, pipeline=self.options):
+                yield replace(checkpoint, node=self.node)
+        finally:
+            release()
         self.counters["trained"] += 1
 
     @ray.method(concurrency_group="info")  # answers while a render or training runs
@@ -122,6 +142,12 @@ class GpuWorker:
         counters["pipeline_loads"] += held.pop("pipeline_loads")
         counters["lora_loads"] += held.pop("lora_loads")
         return {"name": self.name, "node": self.node, "node_id": self.node_id, "pid": os.getpid(), **held, **counters}
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 class ArtifactServer:

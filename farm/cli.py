@@ -171,9 +171,11 @@ def cmd_submit(args) -> int:
     from . import jobqueue
 
     passed = []
-    for flag in ("device", "chunk", "recycle_after"):
+    for flag in ("device", "chunk", "recycle_after", "dtype", "cpu_offload"):
         if getattr(args, flag) is not None:
             passed += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.vae_tiling:
+        passed.append("--vae-tiling")
     submission_id = jobqueue.submit(args.address, args.spec, args.job.job, overrides=args.override,
                                     scale=args.scale, priority=args.priority, out=args.out_on_head,
                                     pipeline_args=passed)
@@ -361,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, help="tasks per worker call")
     p.add_argument("--recycle-after", type=int, metavar="N", help="replace a pool worker by a fresh process "
                    "after N of this job's images")
+    # the job's own pipeline options: a pool worker holding other ones reloads for this job
+    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (small GPUs)")
+    p.add_argument("--cpu-offload", choices=["none", "model", "sequential"],
+                   help="at least this much offload (the worker's memory plan may pick more)")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("jobs", help="the cluster's farm jobs: state, progress, ETA, priority")

@@ -51,8 +51,12 @@ def read_lora(lora: LoraUse, path: Path | None = None) -> dict:
 class AdapterCache:
     """Which LoRAs a pipeline holds, and which are active at which strength."""
 
-    def __init__(self, pipe, max_adapters: int = 8, locate: Callable[[LoraUse], Path] | None = None):
+    def __init__(self, pipe, max_adapters: int = 8, locate: Callable[[LoraUse], Path] | None = None,
+                 restore: Callable[[], None] | None = None):
         self.pipe = pipe
+        # after a failed load: put the pipeline back as it was (diffusers takes CPU-offload hooks
+        # off while it loads a LoRA and puts them back only when the load succeeds)
+        self.restore = restore
         self.locate = locate or (lambda lora: Path(lora.path))  # a worker on another node fetches
         self.max_adapters = max_adapters
         self.loaded: OrderedDict[str, LoraUse] = OrderedDict()
@@ -90,6 +94,8 @@ class AdapterCache:
             self.pipe.load_lora_weights(state, adapter_name=name)
         except Exception as exc:  # diffusers/peft: wrong base model, bad keys or shapes
             self._forget_partial(name)
+            if self.restore is not None:
+                self.restore()
             raise LoraError(f"{lora.path}: cannot apply to this model (a LoRA for another base model, "
                             f"or damaged): {first_line(exc)}") from None
         self.loaded[name] = lora

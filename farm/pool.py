@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -340,6 +340,7 @@ class SharedPool:
 
     def __init__(self, key: str, priority: int, options: PipelineOptions):
         self.key, self.priority = key, priority
+        self.options = options  # sent with every chunk: the shared workers take this job's options
         self.keeper = pool_keeper(options)
         self.handles: dict[str, object] = {}
         self.node_of: dict[str, str] = {}
@@ -442,7 +443,7 @@ class SharedPool:
         """Let workers on other nodes fetch this chunk's LoRAs from this node."""
         files = {lora.sha256: lora.path for task in chunk for lora in task.loras if lora.sha256 not in self.offered}
         if files or self._source is None:
-            self._source = artifact_source(files)
+            self._source = replace(artifact_source(files), options=self.options)
             self.offered.update(files)
 
     def can_train(self, name: str) -> bool:

@@ -22,7 +22,8 @@ from typing import Iterable
 from . import __version__
 from .errors import FarmError
 from .lora import AdapterCache
-from .pipeline import PipelineOptions, describe_device, load_pipeline, pick_device
+from . import memory
+from .pipeline import PipelineOptions, describe_device, enable_vae_tiling, load_planned, pick_device
 from .plan import Task
 from .pnginfo import parameters_text
 from .prompts import encode_pair
@@ -134,7 +135,12 @@ def decode_image(vae, latent):
 
 
 class Renderer:
-    """Keeps one pipeline loaded (switching models only when a task needs another)."""
+    """Keeps one pipeline loaded (switching models only when a task needs another).
+
+    Between tasks the state is put back: a VAE upcast after a black image ends with its task,
+    offload hooks come back after a LoRA that failed to load, and a model switch (or `close`)
+    lets go of the old pipeline, collects it and empties the CUDA cache before the next loads.
+    The memory plan the load chose is in `memory_plan` and in the notes of the task that loaded."""
 
     def __init__(self, options: PipelineOptions = PipelineOptions(), worker: str = "", max_adapters: int = 8):
         self.options = options
@@ -147,29 +153,67 @@ class Renderer:
         self.vae_scale = 8
         self.adapters: AdapterCache | None = None
         self.locate = None  # LoraUse → local Path; None: the planned path
-        self.memory_steps: list[str] = []
+        self.memory_steps: list[str] = []  # lower-memory settings on (from the plan or an out-of-memory)
+        self.memory_plan: memory.MemoryPlan | None = None
         self.vae_upcast = False
+        self.vae_dtype = None  # the VAE's dtype as loaded, restored after an upcast
         self.notes: list[str] = []
         self.pipeline_loads = 0
+        self.retired_lora_loads = 0
 
     def holds(self) -> dict:
         """What this renderer has loaded: the dispatcher prefers tasks that need no switch."""
         loaded = list(self.adapters.loaded) if self.adapters else []
         return {"model_sha256": self.model_sha256, "adapters": loaded, "pipeline_loads": self.pipeline_loads,
-                "lora_loads": self.adapters.loads if self.adapters else 0}
+                "lora_loads": self.retired_lora_loads + (self.adapters.loads if self.adapters else 0),
+                "memory_plan": self.memory_plan.describe() if self.memory_plan else ""}
+
+    def close(self) -> None:
+        """Let go of the pipeline (and the adapter cache that holds it too), collect it and hand
+        its CUDA memory back, so the next pipeline or a training run has the whole card."""
+        if self.adapters is not None:
+            self.retired_lora_loads += self.adapters.loads
+        self.pipe = self.adapters = self.model_sigmas = self.memory_plan = self.vae_dtype = None
+        self.model_sha256 = ""
+        self.memory_steps, self.vae_upcast = [], False
+        memory.release()
 
     def _ensure_model(self, task: Task) -> None:
         if self.pipe is not None and self.model_sha256 == task.model_sha256:
             return
-        self.pipe = None  # free the old pipeline before loading the next
-        self.pipe = load_pipeline(task.model_path, self.options)
-        self.memory_steps, self.vae_upcast = [], False
+        if self.pipe is not None:  # never two pipelines at once
+            self.close()
+        pipe, plan, notes = load_planned(task.model_path, self.options)
+        self.pipe, self.memory_plan = pipe, plan
+        self.notes.extend(notes)
+        self.memory_steps = {"none": [], "model": ["model_offload"],
+                             "sequential": ["model_offload", "sequential_offload"]}[plan.offload]
+        self.memory_steps = (["vae_tiling"] if plan.vae_tiling else []) + self.memory_steps
+        self.vae_upcast, self.vae_dtype = False, pipe.vae.dtype
         self.model_sha256 = task.model_sha256
-        self.model_sigmas = model_sigmas(dict(self.pipe.scheduler.config))
-        self.vae_scale = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
-        self.adapters = AdapterCache(self.pipe, self.max_adapters, lambda lora: self.locate(lora) if self.locate
-                                     else Path(lora.path))
+        self.model_sigmas = model_sigmas(dict(pipe.scheduler.config))
+        self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        self.adapters = AdapterCache(pipe, self.max_adapters, self._lora_path, restore=self._restore_offload)
         self.pipeline_loads += 1
+
+    def _lora_path(self, lora) -> Path:
+        return self.locate(lora) if self.locate else Path(lora.path)
+
+    def _restore_state(self) -> None:
+        """Undo what a previous task changed for itself: a VAE upcast to fp32 (a black image)."""
+        if self.vae_upcast and self.pipe is not None:
+            self.pipe.vae.to(self.vae_dtype)
+            self.vae_upcast = False
+
+    def _restore_offload(self) -> None:
+        """Put the offload hooks back (diffusers removes them while loading a LoRA, and a load
+        that fails leaves them off: the pipeline would stay on the CPU)."""
+        if "sequential_offload" in self.memory_steps:
+            self.pipe.enable_sequential_cpu_offload(device=self.device)
+        elif "model_offload" in self.memory_steps:
+            self.pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            self.pipe.to(self.device)
 
     def render(self, task: Task) -> RenderResult:
         """Render one task; a problem with this task becomes a failed result, not an exception."""
@@ -178,6 +222,7 @@ class Renderer:
         result = RenderResult(task=task, status="failed", device=describe_device(self.device),
                               worker=self.worker, started_at=started_at)
         try:
+            self._restore_state()
             self._ensure_model(task)
             result.lora_switch_s = self.adapters.apply(task.loras)
             sampler = resolve_sampler(task.sampler)
@@ -188,12 +233,12 @@ class Renderer:
             result.png = encode_png(image, parameters_text(task, sampler, __version__))
             result.image_sha256 = hashlib.sha256(result.png).hexdigest()
             result.status = "ok"
-            result.notes, self.notes = "; ".join(self.notes), []
         except FarmError as exc:  # the task's own problem (a damaged file, a black image): final
             result.error = str(exc)
         except Exception as exc:  # one bad task must not take the actor down with it
             result.error = (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0][:500]
             result.retryable = True  # may be this worker's problem: the dispatcher tries another
+        result.notes, self.notes = "; ".join(self.notes), []
         result.finished_at = datetime.now(timezone.utc)
         return result
 
@@ -204,7 +249,8 @@ class Renderer:
           time (VAE tiling, then model CPU offload, then sequential offload); they stay on for
           this worker's later tasks, since the next image would run out the same way.
         - A black image (NaN from an fp16 VAE): retry once with the VAE in fp32; a second black
-          image fails the task. A black image is never written as `ok`.
+          image fails the task. A black image is never written as `ok`. The upcast lasts for
+          this task only: the next one starts with the VAE in its own dtype again.
         """
         import torch
 
@@ -224,14 +270,11 @@ class Renderer:
 
     def _lower_memory(self) -> bool:
         """Take the next lower-memory step; False when none is left."""
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        steps = [("vae_tiling", lambda: self.pipe.vae.enable_tiling())]
+        memory.release()
+        steps = [("vae_tiling", lambda: enable_vae_tiling(self.pipe.vae))]
         if self.device.startswith("cuda"):  # offloading to the CPU means nothing on the CPU
-            steps += [("model_offload", self.pipe.enable_model_cpu_offload),
-                      ("sequential_offload", self.pipe.enable_sequential_cpu_offload)]
+            steps += [("model_offload", lambda: self.pipe.enable_model_cpu_offload(device=self.device)),
+                      ("sequential_offload", lambda: self.pipe.enable_sequential_cpu_offload(device=self.device))]
         for name, step in steps:
             if name not in self.memory_steps:
                 self.memory_steps.append(name)

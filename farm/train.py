@@ -116,10 +116,11 @@ class Trainer:
     as one single-file SDXL `.safetensors` (the layout sdxl_train.py saves)."""
 
     def __init__(self, run: str, model_path: str, model_name: str, dataset: Dataset, options: TrainOptions,
-                 out_dir: Path, device: str | None = None):
+                 out_dir: Path, device: str | None = None, pipeline=None):
         import torch
 
-        from .pipeline import pick_device, quiet_libraries
+        from .memory import bf16_supported
+        from .pipeline import PipelineOptions, pick_device, quiet_libraries
 
         quiet_libraries()
         self.run, self.dataset, self.options, self.out_dir = run, dataset, options, Path(out_dir)
@@ -131,6 +132,10 @@ class Trainer:
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.mixed_precision)
         if self.dtype is torch.float16 and self.device == "cpu":
             raise FarmError("mixed_precision fp16 needs a CUDA GPU; use no or bf16")
+        if self.dtype is torch.bfloat16 and not bf16_supported(self.device):
+            raise FarmError(f"mixed_precision bf16: {self.device} has no bfloat16 support (a GPU before Ampere, "
+                            "e.g. an RTX 20xx); use fp16")
+        self.pipeline_options = pipeline or PipelineOptions()  # single_file_config for a single-file model
         self._load(model_path)
 
     def _load(self, model_path: str) -> None:
@@ -138,15 +143,13 @@ class Trainer:
         from diffusers import DDPMScheduler
 
         from . import kohya
-        from .pipeline import PipelineOptions, load_pipeline
 
         self.model_path = Path(model_path)
-        pipe = load_pipeline(model_path, PipelineOptions(device=self.device, dtype="fp32"))
-        self.pipe = pipe
+        self.full = self.options.mode == "dreambooth"
+        self.pipe = pipe = self._load_weights(model_path)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.requires_grad_(False)
-        self.full = self.options.mode == "dreambooth"
         if self.full:
             self._load_full()
             return
@@ -175,6 +178,51 @@ class Trainer:
             text_params = self._lora_params(pipe.text_encoder) + self._lora_params(pipe.text_encoder_2)
             groups.append({"params": text_params, "lr": self.options.text_encoder_lr or lr})
         self._finish_setup(groups)
+
+    def _load_weights(self, model_path: str):
+        """The pipeline with frozen weights in the mixed precision (the trainable ones stay fp32:
+        DreamBooth's UNet, the LoRA weights), read on the CPU, then the UNet, VAE and text
+        encoders on the device. The VAE and text encoders leave it again once latents and
+        captions are cached (`_cache_and_park`). SDXL's VAE overflows in fp16: it stays fp32 then."""
+        from dataclasses import replace
+
+        import torch
+
+        from .pipeline import load_pipeline
+
+        low = self.dtype or torch.float32
+        names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+        read_as = torch.float32 if self.full else low  # a trained UNet starts from the file's own values
+        pipe = load_pipeline(model_path, replace(self.pipeline_options, device="cpu", dtype=names[read_as],
+                                                 cpu_offload="none", vae_tiling=False))
+        vae_dtype = torch.float32 if low is torch.float16 and pipe.vae.config.force_upcast else low
+        pipe.text_encoder.to(self.device, low)
+        pipe.text_encoder_2.to(self.device, low)
+        pipe.vae.to(self.device, vae_dtype)
+        pipe.unet.to(self.device)
+        return pipe
+
+    def _cache_and_park(self) -> None:
+        """With `cache_latents`, encode every image's latent now and move the VAE off the GPU;
+        with frozen text encoders, encode every caption now and move them off too."""
+        from .memory import release
+
+        cached = self.options.cache_latents
+        if cached:
+            for item in self.dataset.items:
+                self._latent(item.path, self.dataset.buckets.bucket_for(item.width, item.height))
+        if not self.train_text:
+            captions = sorted({item.caption for item in self.dataset.items})
+            for start in range(0, len(captions), 16):
+                self._encode(captions[start:start + 16])
+        if self.device == "cpu":
+            return
+        parked = ([self.pipe.vae] if cached else []) + ([] if self.train_text else
+                                                        [self.pipe.text_encoder, self.pipe.text_encoder_2])
+        for module in parked:
+            module.to("cpu")
+        if parked:
+            release()
 
     def _load_full(self) -> None:
         """Full DreamBooth: every UNet weight trains; text encoders and VAE stay frozen."""
@@ -213,9 +261,11 @@ class Trainer:
         key = (path, bucket)
         if key in self.latents:
             return self.latents[key]
-        pixels = _load_image(path, bucket).to(self.device)
+        vae = self.pipe.vae
+        pixels = _load_image(path, bucket).to(vae.device, vae.dtype)
         with torch.no_grad():
-            latent = self.pipe.vae.encode(pixels).latent_dist.mean * self.pipe.vae.config.scaling_factor
+            latent = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        latent = latent.to(self.device, torch.float32)
         if self.options.cache_latents:
             self.latents[key] = latent
         return latent
@@ -224,15 +274,17 @@ class Trainer:
         """(prompt_embeds, pooled) for captions; cached when the text encoders are frozen."""
         import torch
 
+        where = self.pipe.text_encoder.device  # the CPU once parked (`_cache_and_park`)
         if self.train_text:
-            embeds, _, pooled, _ = self.pipe.encode_prompt(captions, device=self.device,
+            embeds, _, pooled, _ = self.pipe.encode_prompt(captions, device=where,
                                                            do_classifier_free_guidance=False)
             return embeds, pooled
         missing = [c for c in dict.fromkeys(captions) if c not in self.prompts]
         if missing:
             with torch.no_grad():
-                embeds, _, pooled, _ = self.pipe.encode_prompt(missing, device=self.device,
+                embeds, _, pooled, _ = self.pipe.encode_prompt(missing, device=where,
                                                                do_classifier_free_guidance=False)
+            embeds, pooled = embeds.to(self.device), pooled.to(self.device)
             for i, caption in enumerate(missing):
                 self.prompts[caption] = (embeds[i], pooled[i])
         return (torch.stack([self.prompts[c][0] for c in captions]),
@@ -522,6 +574,7 @@ class Trainer:
         if not path.is_dir():
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.out_dir))
             self.pipe.save_pretrained(tmp, safe_serialization=True)
+            _cast_saved_weights(tmp, self.save_dtype)
             (tmp / "sdfarm_training.json").write_text(json.dumps(self.metadata(epoch, step, started_at), indent=1))
             for item in [tmp, *tmp.rglob("*")]:
                 item.chmod(0o755 if item.is_dir() else 0o644)
@@ -606,6 +659,7 @@ class Trainer:
         self._claim_out_dir()
         o, total = self.options, self.math.max_train_steps
         resumed = self.load_state()
+        self._cache_and_park()
         step = resumed["step"] if resumed else 0
         start_epoch = resumed["epoch"] if resumed else 1
         skip = resumed["batch_in_epoch"] if resumed else 0
@@ -666,6 +720,22 @@ class Trainer:
         log.close()
         bar.close()
         plot_loss(self.out_dir / LOG_FILE, self.out_dir / "loss.png", title=f"{self.run}: loss")
+
+
+def _cast_saved_weights(folder: Path, dtype) -> None:
+    """kohya's `save_precision` for a saved diffusers folder: every floating tensor of its
+    safetensors files in `dtype` (metadata kept), one tensor at a time."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for path in sorted(folder.rglob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata()
+            state = {}
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        save_file(state, path, metadata=meta)
 
 
 class _StepLog:
@@ -748,16 +818,24 @@ class TrainRun:
 
 
 def train_run(job: TrainRun, device: str | None = None, progress: bool = False,
-              on_step: Callable[[int, float, float], None] | None = None) -> Iterator[Checkpoint]:
-    """Train (or resume) one run, yielding its checkpoints as they are written.
+              on_step: Callable[[int, float, float], None] | None = None, pipeline=None) -> Iterator[Checkpoint]:
+    """Train (or resume) one run, yielding its checkpoints as they are written; the model is
+    released (collected, CUDA cache emptied) when the run ends or fails.
 
-    `on_step(step, loss, seconds)` sees every optimizer step (the worker turns it into metrics)."""
+    `on_step(step, loss, seconds)` sees every optimizer step (the worker turns it into metrics);
+    `pipeline` (PipelineOptions) carries the worker's `single_file_config`."""
     from .dataset import dataset_for
+    from .memory import release
 
     dataset = dataset_for(job.options, Path(job.data_base))
-    trainer = Trainer(job.run, job.model_path, job.model_name, dataset, job.options, Path(job.out_dir), device)
+    trainer = Trainer(job.run, job.model_path, job.model_name, dataset, job.options, Path(job.out_dir), device,
+                      pipeline)
     trainer.on_step = on_step
-    yield from trainer.train(progress=progress)
+    try:
+        yield from trainer.train(progress=progress)
+    finally:
+        del trainer
+        release()
 
 
 def planned_checkpoints(options: TrainOptions, max_train_steps: int, steps_per_epoch: int, epochs: int) -> int:

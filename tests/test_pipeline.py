@@ -43,3 +43,18 @@ def test_folder_loads_on_the_requested_device_and_dtype(tiny_model):
     assert pipe.unet.dtype == torch.bfloat16 and pipe.device.type == "cpu"
     with pytest.raises(ModelError, match="dtype 'fp8'"):
         load_pipeline(tiny_model, PipelineOptions(device="cpu", dtype="fp8"))
+
+
+def test_vae_tiling_tiles_sdxl_at_1024(farm_cache):
+    """diffusers' default tile is the VAE's sample size (1024 for SDXL), which tiles nothing at
+    1024²: the farm's tiling uses 512 px tiles."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+
+    from farm.pipeline import enable_vae_tiling
+    from farm.tiny import sdxl_base_config
+
+    with init_empty_weights():
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(sdxl_base_config() / "vae"))
+    enable_vae_tiling(vae)
+    assert vae.use_tiling and (vae.tile_sample_min_size, vae.tile_latent_min_size) == (512, 64)

@@ -130,7 +130,12 @@ def test_recycle_after_replaces_pool_workers_by_fresh_processes(service, lora_di
 
 def test_higher_priority_job_takes_the_pool_first(service, lora_dir, tmp_path):
     loras = sorted(lora_dir.glob("*.safetensors"))[:2]
-    low = submit(service, write_job(tmp_path, "prio-low", loras, 100, steps=8), "--priority", "0")
+    low = submit(service, write_job(tmp_path, "prio-low", loras, 100, steps=8), "--priority", "0",
+                 "--dtype", "fp32", "--vae-tiling", "--cpu-offload", "none")
+    from ray.job_submission import JobSubmissionClient
+
+    entrypoint = JobSubmissionClient(service.dashboard, headers=auth(service)).get_job_info(low).entrypoint
+    assert "--dtype fp32" in entrypoint and "--vae-tiling" in entrypoint and "--cpu-offload none" in entrypoint
     service.wait_for(lambda: len(images(service, "prio-low")) >= 8, what="the low job to render")
     high = submit(service, write_job(tmp_path, "prio-high", loras, 24, first_seed=500, steps=8), "--priority", "5")
     assert wait_done(service, high) == "SUCCEEDED"

@@ -142,3 +142,28 @@ def test_a_black_image_is_retried_with_the_vae_upcast_and_never_written_as_ok(fa
     inject(["black", "black"])
     failed = renderer.render(task)
     assert failed.status == "failed" and "black image twice" in failed.error and not failed.png
+
+
+def test_after_a_forced_vae_upcast_the_next_task_renders_in_the_original_dtype(lora_dir):
+    """The upcast is for the task that needed it: a worker in bf16 (or fp16) goes back to it."""
+    import torch
+
+    from farm.pipeline import PipelineOptions
+    from farm.render import Renderer
+
+    renderer = Renderer(PipelineOptions(device="cpu", dtype="bf16", threads=1))
+    first, second = (tasks_for(lora_dir, {"seed": [seed]}, steps=2)[0] for seed in (1, 2))
+    clean = renderer.render(second)
+    real, seen = renderer._run, []
+
+    def observed(task, sampler):
+        seen.append(renderer.pipe.vae.dtype)
+        return real(task, sampler)
+
+    renderer._run = faulty_run(observed, ["black"])
+    upcast = renderer.render(first)
+    assert upcast.status == "ok" and "VAE upcast" in upcast.notes
+    assert seen == [torch.bfloat16, torch.float32]
+    again = renderer.render(second)
+    assert seen[-1] == torch.bfloat16 and renderer.pipe.vae.dtype == torch.bfloat16
+    assert again.png == clean.png and again.notes == ""
