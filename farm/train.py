@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import platform
 import time
@@ -497,7 +496,7 @@ class Trainer:
 
     def _dataset_description(self, bucket_info: dict) -> dict:
         """One entry of sd-scripts' `ss_datasets` (the dataset-config form)."""
-        d, o = self.dataset, self.options
+        d = self.dataset
         subsets = [{"img_count": sum(1 for i in d.items if i.subset == s), "num_repeats": s.num_repeats,
                     "color_aug": False, "flip_aug": False, "random_crop": False, "shuffle_caption": False,
                     "keep_tokens": s.keep_tokens, "keep_tokens_separator": "", "secondary_separator": None,

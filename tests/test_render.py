@@ -10,8 +10,8 @@ from farm.plan import plan_job
 from farm.spec import parse_spec
 
 
-def tasks_for(lora_dir, axes, **defaults):
-    data = {"job": "r", "model": "tiny:sdxl", "axes": axes,
+def tasks_for(lora_dir, axes, model="tiny:sdxl", **defaults):
+    data = {"job": "r", "model": model, "axes": axes,
             "defaults": {"prompt": "photo of a w0ut3r man", "negative": "blurry", "seed": 1234,
                          "steps": 3, "width": 64, "height": 64, "sampler": "euler", **defaults}}
     return plan_job(parse_spec(data), lora_dir).tasks

@@ -5,7 +5,6 @@ import hashlib
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
