@@ -200,27 +200,6 @@ def parse(text: str, syntax: str) -> list[tuple[str, float]]:
     return [(text, 1.0)]
 
 
-def plain_text(text: str, syntax: str) -> str:
-    """The prompt with its emphasis syntax removed (e.g. for training captions):
-    `(ohwx man:1.2), photo BREAK studio` → `ohwx man, photo studio` under a1111."""
-    runs = parse(text, syntax)
-    if syntax == "a1111":
-        return " ".join(_join_between_breaks(runs))
-    return "".join(t for t, _ in runs)
-
-
-def _join_between_breaks(runs: list[tuple[str, float]]) -> list[str]:
-    parts, current = [], ""
-    for t, w in runs:
-        if t == "BREAK" and w == -1:
-            parts.append(current)
-            current = ""
-        else:
-            current += t
-    parts.append(current)
-    return [p for p in parts if p]
-
-
 def _check_syntax(syntax: str) -> None:
     if syntax not in SYNTAXES:
         raise PromptError(f"prompt syntax {syntax!r} is not one of {', '.join(SYNTAXES)}")

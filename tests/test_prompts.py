@@ -14,7 +14,6 @@ from farm.prompts import (
     parse,
     parse_a1111,
     parse_comfyui,
-    plain_text,
     repeat_to_common_length,
     tokenize,
 )
@@ -82,11 +81,8 @@ def test_parse_comfyui(text, expected):
     assert parse_comfyui(text) == expected
 
 
-def test_parse_plain_and_plain_text():
+def test_parse_plain():
     assert parse("(x:1.3) [y] BREAK z", "plain") == [("(x:1.3) [y] BREAK z", 1.0)]
-    assert plain_text("(ohwx man:1.2), [photo] BREAK studio", "a1111") == "ohwx man, photo studio"
-    assert plain_text("(ohwx man:1.2), [photo]", "comfyui") == "ohwx man, [photo]"
-    assert plain_text("(x:1.3)", "plain") == "(x:1.3)"
     with pytest.raises(PromptError):
         parse("x", "invokeai")
 
