@@ -1,7 +1,11 @@
 """sdfarm: a Ray render farm and job queue for SDXL LoRA / DreamBooth experiments.
 
-Data flow, one module a stage: spec → plan → dispatch (queue, scheduling) → actors (render) →
-render results → manifest → grid. Only `actors`, `dispatch` and `cli` import Ray.
+The subpackages read as the data flow, each importing only from those before it
+(scripts/import_layers.py checks it):
+
+    errors → models → sweep → render → runs → train → cluster → cli, bench
+
+Only `cluster` (and the two entry points) import Ray.
 """
 
 __version__ = "0.1.0"

@@ -42,8 +42,8 @@ def _spec(tasks: int, size: int = 64, steps: int = 4, loras: int = 0) -> dict:
 
 
 def _plan(data: dict):
-    from .plan import plan_job
-    from .spec import parse_spec
+    from farm.sweep.plan import plan_job
+    from farm.sweep.spec import parse_spec
 
     return plan_job(parse_spec(data, "bench"), Path.cwd(), "bench")
 
@@ -55,11 +55,11 @@ def farm_efficiency(tasks: int, rounds: int = 2) -> dict:
     import ray
     import torch
 
-    from .actors import start_workers
-    from .dispatch import run_plan
-    from .manifest import RunFolder
-    from .pipeline import PipelineOptions
-    from .render import Renderer
+    from farm.cluster.actors import start_workers
+    from farm.cluster.dispatch import run_plan
+    from farm.runs.manifest import RunFolder
+    from farm.render.pipeline import PipelineOptions
+    from farm.render.renderer import Renderer
 
     plan = _plan(_spec(tasks))
     torch.set_num_threads(1)
@@ -92,10 +92,10 @@ def scaling(tasks: int) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from .actors import start_workers
-    from .dispatch import run_plan
-    from .manifest import RunFolder
-    from .pipeline import PipelineOptions
+    from farm.cluster.actors import start_workers
+    from farm.cluster.dispatch import run_plan
+    from farm.runs.manifest import RunFolder
+    from farm.render.pipeline import PipelineOptions
 
     plan = _plan(_spec(tasks))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": False})
@@ -124,10 +124,10 @@ def lora_switching(groups: int) -> dict:
     and whether fusing a LoRA pays for long same-LoRA runs."""
     import torch
 
-    from .lora import adapter_name
-    from .pipeline import PipelineOptions, load_pipeline
-    from .render import Renderer
-    from .samplers import resolve_sampler
+    from farm.render.lora import adapter_name
+    from farm.render.pipeline import PipelineOptions, load_pipeline
+    from farm.render.renderer import Renderer
+    from farm.sweep.samplers import resolve_sampler
 
     torch.set_num_threads(1)
     plan = _plan(_spec(20, size=128, steps=20, loras=2))
@@ -165,9 +165,7 @@ def _time_call(fn) -> float:
 def affinity() -> dict:
     """LoRA switches for the first seed's study order (14 × 10 checkpoints, strength and prompt
     tables) on 2 workers: the farm's affinity queue vs a naive FIFO. Equal render times; chunks of 4."""
-    from collections import OrderedDict, deque
-
-    from .dispatch import AffinityQueue, make_chunks
+    from farm.cluster.dispatch import AffinityQueue, make_chunks
 
     class Task:
         def __init__(self, group):
@@ -203,7 +201,7 @@ def plan_scale(tasks: int) -> dict:
         "from pathlib import Path\n"
         "import pyarrow as pa, pyarrow.parquet as pq\n"
         "from farm.bench import _spec, _plan\n"
-        "from farm.manifest import RunFolder, SCHEMA\n"
+        "from farm.runs.manifest import RunFolder, SCHEMA\n"
         f"n = {tasks}\n"
         "spec = _spec(n); spec['axes']['seed'] = list(range(n // 10))\n"
         "_plan(_spec(10))\n"  # build and hash the tiny model outside the clock
@@ -231,9 +229,9 @@ def grid_speed(images: int) -> dict:
     """`farm grid` over a run of `images` PNGs vs plain decode + paste of the same files."""
     from PIL import Image
 
-    from .grid import make_grids
-    from .manifest import ManifestWriter, RunFolder
-    from .render import RenderResult, encode_png
+    from farm.runs.grid import make_grids
+    from farm.runs.manifest import ManifestWriter, RunFolder
+    from farm.render.renderer import RenderResult, encode_png
 
     plan = _plan({**_spec(images), "axes": {"prompt": [f"p{i}" for i in range(12)],
                                             "seed": list(range(-(-images // 12)))}})
@@ -262,11 +260,11 @@ def pipelined_study() -> dict:
     schedule vs training everything first and rendering after."""
     import ray
 
-    from .dispatch import run_plan, run_study
-    from .manifest import RunFolder
-    from .spec import parse_spec
-    from .study import Evaluation, Study
-    from .tiny import write_tiny_dataset
+    from farm.cluster.dispatch import run_plan, run_study
+    from farm.runs.manifest import RunFolder
+    from farm.sweep.spec import parse_spec
+    from farm.train.study import Evaluation, Study
+    from farm.models.tiny import write_tiny_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -294,7 +292,7 @@ def pipelined_study() -> dict:
                     known = {}
                     for row in folder.read_checkpoints():
                         known.setdefault(row["run"], []).append((row["epoch"], row["label"], str(folder.root / row["path"])))
-                    from .plan import Plan
+                    from farm.sweep.plan import Plan
 
                     tasks = evaluation.replan(known)
                     run_plan(Plan(job=evaluation.job, tasks=tasks), folder, quiet=True)
@@ -318,10 +316,10 @@ def gpu_mode(model: str, device: str = "cuda", size: int = 1024, steps: int = 20
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from .artifacts import sha256_file
-    from .lora import AdapterCache
-    from .pipeline import PipelineOptions, load_pipeline
-    from .plan import LoraUse
+    from farm.models.artifacts import sha256_file
+    from farm.render.lora import AdapterCache
+    from farm.render.pipeline import PipelineOptions, load_pipeline
+    from farm.sweep.plan import LoraUse
 
     def seconds_per_image(pipe) -> float:
         # a plain diffusers pipeline call is the yardstick here, with its own DPM++ 2M Karras
@@ -336,8 +334,8 @@ def gpu_mode(model: str, device: str = "cuda", size: int = 1024, steps: int = 20
             times.append(time.perf_counter() - began)
         return statistics.median(times[1:])
 
-    from .memory import free_vram, model_sizes, plan_render, release
-    from .pipeline import memory_options
+    from farm.render.memory import free_vram, model_sizes, plan_render, release
+    from farm.render.pipeline import memory_options
 
     on_gpu = device.startswith("cuda")
     dtype = torch.float16 if on_gpu else torch.float32

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import FarmError, first_line
-from .jobqueue import DEFAULT_ADDRESS, duration
+from farm.errors import FarmError, first_line
+from farm.cluster.jobqueue import DEFAULT_ADDRESS, duration
 
 # Per model call at 1 megapixel on an RTX 2060 laptop: the seed's 70 s for 20 steps of a
 # two-call sampler at 1024². Only for `farm plan`'s rough estimate.
@@ -19,7 +19,7 @@ _TWO_CALL_SAMPLERS = ("heun", "dpm_2", "dpm2", "2s", "dpmpp_sde")
 
 
 def estimate_s(tasks) -> float:
-    from .samplers import fold
+    from farm.sweep.samplers import fold
 
     total = 0.0
     for task in tasks:
@@ -33,22 +33,22 @@ def _spec_dir(args) -> Path:
 
 
 def _study(args):
-    from .study import Study
+    from farm.train.study import Study
 
     return Study(args.job, _spec_dir(args), args.source, Path(args.out).resolve())
 
 
 def _pipeline_options(args):
-    from .pipeline import PipelineOptions
+    from farm.render.pipeline import PipelineOptions
 
     return PipelineOptions(device=args.device, dtype=args.dtype, vae_tiling=args.vae_tiling,
                            cpu_offload=args.cpu_offload)
 
 
 def cmd_plan(args) -> int:
-    from .manifest import RunFolder
-    from .plan import plan_job
-    from .spec import TrainJob
+    from farm.runs.manifest import RunFolder
+    from farm.sweep.plan import plan_job
+    from farm.sweep.spec import TrainJob
 
     if isinstance(args.job, TrainJob):
         print("\n".join(_study(args).describe()))
@@ -102,18 +102,18 @@ def _keep_spec_folder(args) -> None:
 
 def _open_shared_pool(args, options):
     """The cluster's warm pool when this run joined a running cluster; None for a local Ray."""
-    from .pool import SharedPool
+    from farm.cluster.pool import SharedPool
 
     key = args.job_key or f"{args.job.job}@{Path(args.out).resolve()}"
     return SharedPool(key, args.priority, options)
 
 
 def cmd_run(args) -> int:
-    from .dispatch import connect, run_plan, run_study
-    from .manifest import RunFolder
-    from .plan import plan_job
-    from .jobqueue import print_progress
-    from .spec import TrainJob
+    from farm.cluster.dispatch import connect, run_plan, run_study
+    from farm.runs.manifest import RunFolder
+    from farm.sweep.plan import plan_job
+    from farm.cluster.jobqueue import print_progress
+    from farm.sweep.spec import TrainJob
 
     _stop_on_sigterm()
     if args.job_key:
@@ -138,7 +138,7 @@ def cmd_run(args) -> int:
         common = dict(actors=args.actors, chunk_size=args.chunk, options=options, quiet=args.quiet, pool=pool,
                       recycle_after=args.recycle_after, task_timeout_s=args.task_timeout)
         if training:
-            from .study import run_training_job
+            from farm.train.study import run_training_job
 
             runs, summary = run_training_job(
                 _study(args), info.get("seeds"),
@@ -158,7 +158,7 @@ def cmd_run(args) -> int:
                         "left": 0, "eta_s": 0, "updated": time.time()})
     if training:
         print(f"{args.job.job}: {len(run.read_checkpoints())} checkpoints from {len(runs)} run(s) in {run.train_dir}")
-        print(f"evaluation: ", end="")
+        print("evaluation: ", end="")
     print(f"{summary.ok} rendered, {summary.failed} failed, {summary.skipped} already done of {summary.total} "
           f"in {summary.wall_s:.1f} s ({summary.lora_switches} LoRA group switches)")
     for error in summary.failed_runs + summary.errors[:5]:
@@ -168,7 +168,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from . import jobqueue
+    from farm.cluster import jobqueue
 
     passed = []
     for flag in ("device", "chunk", "recycle_after", "dtype", "cpu_offload"):
@@ -184,7 +184,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from . import jobqueue
+    from farm.cluster import jobqueue
 
     jobs = jobqueue.farm_jobs(args.address)
     for job in jobs:
@@ -195,7 +195,7 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from . import jobqueue
+    from farm.cluster import jobqueue
 
     job = jobqueue.job_info(args.address, args.job_id)
     print(jobqueue.describe(job, jobqueue.progress_of(args.address, args.job_id)))
@@ -209,7 +209,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from . import jobqueue
+    from farm.cluster import jobqueue
 
     jobqueue.cancel(args.address, args.job_id)
     print(f"{args.job_id}: stopping (finished images and manifest rows are kept)")
@@ -217,7 +217,7 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_pause(args) -> int:
-    from . import jobqueue
+    from farm.cluster import jobqueue
 
     pausing = args.command == "pause"
     if pausing:
@@ -232,7 +232,7 @@ def cmd_pause(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    from . import jobqueue
+    from farm.cluster import jobqueue
 
     jobqueue.job_info(args.address, args.job_id)
     print(jobqueue.client(args.address).get_job_logs(args.job_id), end="")
@@ -240,7 +240,7 @@ def cmd_logs(args) -> int:
 
 
 def cmd_pool(args) -> int:
-    from . import jobqueue
+    from farm.cluster import jobqueue
 
     status = jobqueue.control(args.address, "pool")
     if args.json:
@@ -258,14 +258,14 @@ def cmd_pool(args) -> int:
 
 
 def cmd_control(args) -> int:
-    from .jobqueue import run_control
+    from farm.cluster.pool import run_control
 
     print(json.dumps(run_control(args.action, args.key)))
     return 0
 
 
 def cmd_grid(args) -> int:
-    from .grid import make_grids
+    from farm.runs.grid import make_grids
 
     paths = make_grids(args.run, args.rows, args.cols, args.pages, args.cell)
     for path in paths:
@@ -276,7 +276,7 @@ def cmd_grid(args) -> int:
 
 def cmd_info(args) -> int:
     """Each PNG's A1111 `parameters` text, as A1111's PNG-info tab shows it."""
-    from .pnginfo import read_png_parameters
+    from farm.render.pnginfo import read_png_parameters
 
     for index, image in enumerate(args.images):
         path = Path(image)
@@ -293,14 +293,14 @@ def cmd_info(args) -> int:
 
 
 def cmd_tiny_model(args) -> int:
-    from .tiny import save_tiny_model
+    from farm.models.tiny import save_tiny_model
 
     print(save_tiny_model(Path(args.dir)))
     return 0
 
 
 def cmd_tiny_lora(args) -> int:
-    from .tiny import save_tiny_lora
+    from farm.models.tiny import save_tiny_lora
 
     print(save_tiny_lora(Path(args.file), args.name or Path(args.file).stem, args.rank))
     return 0
@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_job(args) -> None:
     """Read the spec (with overrides) once; every command works from `args.job`."""
-    from .spec import load_spec
+    from farm.sweep.spec import load_spec
 
     overrides = list(args.override)
     if args.scale:

@@ -1,5 +1,5 @@
 """An independent reference of ComfyUI's KSampler on SDXL, for comparing whole farm images with
-the image ComfyUI's algorithm gives. It does not import farm.sampling or farm.samplers: it is
+the image ComfyUI's algorithm gives. It does not import farm.render.sampling or farm.sweep.samplers: it is
 rebuilt here from ComfyUI's math, with the k-diffusion package's sampler functions doing the
 stepping. Meant for the CPU (where ComfyUI's noise conventions are device-free).
 

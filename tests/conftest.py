@@ -24,7 +24,7 @@ def farm_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(farm_cache) -> Path:
-    from farm.tiny import resolve_tiny
+    from farm.models.tiny import resolve_tiny
 
     return resolve_tiny("tiny:sdxl")
 
@@ -32,7 +32,7 @@ def tiny_model(farm_cache) -> Path:
 @pytest.fixture(scope="session")
 def lora_dir(farm_cache, tmp_path_factory) -> Path:
     """Three tiny LoRAs named like kohya's per-epoch files (`subject-000001.safetensors`, ...)."""
-    from farm.tiny import save_tiny_lora
+    from farm.models.tiny import save_tiny_lora
 
     folder = tmp_path_factory.mktemp("loras")
     for epoch in (1, 2, 3):
@@ -43,8 +43,8 @@ def lora_dir(farm_cache, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def renderer(tiny_model):
     """One CPU renderer shared by the render tests (loading a pipeline is the slow part)."""
-    from farm.pipeline import PipelineOptions
-    from farm.render import Renderer
+    from farm.render.pipeline import PipelineOptions
+    from farm.render.renderer import Renderer
 
     return Renderer(PipelineOptions(device="cpu", threads=1), worker="test")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from farm.errors import FarmError
-from farm.plan import plan_job
-from farm.spec import parse_spec
+from farm.sweep.plan import plan_job
+from farm.sweep.spec import parse_spec
 
 PAYLOADS = [
     "../x", "../../etc/passwd", "/etc/passwd", "..", "../", "./../x", "a/../../x", "~/../../etc/passwd",
@@ -41,7 +41,7 @@ def inside(path: str, roots: list[Path]) -> bool:
 
 @pytest.mark.parametrize("payload", PAYLOADS)
 def test_a_path_payload_is_refused_or_stays_inside(payload, jobs_folder, farm_cache):
-    from farm.artifacts import allowed_roots
+    from farm.models.artifacts import allowed_roots
 
     roots = allowed_roots(jobs_folder)
     for where in ("lora", "model", "styles"):
@@ -64,9 +64,9 @@ def test_a_path_payload_is_refused_or_stays_inside(payload, jobs_folder, farm_ca
 
 def test_names_and_labels_never_become_paths(jobs_folder, tmp_path, ray_cluster, farm_cache):
     """Every payload as a prompt label and in a prompt: images and grids stay in the run folder."""
-    from farm.dispatch import run_plan
-    from farm.grid import make_grids
-    from farm.manifest import RunFolder
+    from farm.cluster.dispatch import run_plan
+    from farm.runs.grid import make_grids
+    from farm.runs.manifest import RunFolder
 
     prompts = [{"positive": f"photo {p}", "label": p.replace("\x00", "") or "empty"} for p in PAYLOADS]
     spec = {"job": "labels", "model": "tiny:sdxl", "defaults": {"steps": 2, "width": 64, "height": 64},
@@ -89,7 +89,7 @@ def test_names_and_labels_never_become_paths(jobs_folder, tmp_path, ray_cluster,
 def test_run_folders_the_farm_made_are_readable_wherever_they_are(jobs_folder, tmp_path):
     """Reg sets and checkpoints live in the run folder (`--out`), which may lie outside the
     allowed folders; a folder that merely looks like one (no manifest parts) is still refused."""
-    from farm.artifacts import inside_roots
+    from farm.models.artifacts import inside_roots
 
     made = tmp_path / "out"
     (made / "manifest").mkdir(parents=True)

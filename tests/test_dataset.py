@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from farm.dataset import Buckets, Dataset, load_dataset_toml, load_items, scan_subsets, step_math
+from farm.train.dataset import Buckets, Dataset, load_dataset_toml, load_items, scan_subsets, step_math
 from farm.errors import SpecError
 
 

@@ -3,15 +3,14 @@
 import hashlib
 import shutil
 import time
-from collections import deque
 
 import pytest
 
-from farm.dispatch import AffinityQueue, make_chunks, run_plan
-from farm.manifest import RunFolder
-from farm.pipeline import PipelineOptions
-from farm.plan import Plan, plan_job
-from farm.spec import parse_spec
+from farm.cluster.dispatch import AffinityQueue, make_chunks, run_plan
+from farm.runs.manifest import RunFolder
+from farm.render.pipeline import PipelineOptions
+from farm.sweep.plan import Plan, plan_job
+from farm.sweep.spec import parse_spec
 
 
 def demo_plan(lora_dir, steps=2, **axes):
@@ -53,7 +52,7 @@ def test_resume_renders_only_what_is_missing(ray_cluster, lora_dir, tmp_path):
 def test_same_task_on_two_actors_gives_identical_bytes(ray_cluster, lora_dir):
     import ray
 
-    from farm.actors import start_workers
+    from farm.cluster.actors import start_workers
 
     task = demo_plan(lora_dir).tasks[-1]
     actors = start_workers(2, PipelineOptions(), use_gpus=True)
@@ -133,7 +132,7 @@ def test_exactly_once_while_workers_are_killed_9_ten_times(ray_cluster, lora_dir
     import ray
     from PIL import Image
 
-    from farm.actors import start_workers
+    from farm.cluster.actors import start_workers
 
     plan = demo_plan(lora_dir, steps=6, lora=["none", "subject-000001"], seed=list(range(100)))
     assert len(plan.tasks) == 200
@@ -185,7 +184,7 @@ def test_exactly_once_while_workers_are_killed_9_ten_times(ray_cluster, lora_dir
     ("", "off", False, False),  # no dashboard at all
 ])
 def test_an_open_cluster_is_refused_unless_the_user_insists(url, auth, allow, refused):
-    from farm.dispatch import check_exposure
+    from farm.cluster.dispatch import check_exposure
     from farm.errors import FarmError
 
     if refused:
@@ -206,7 +205,7 @@ def test_a_head_the_farm_starts_listens_on_loopback_only(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="sdfarm-lo-")
     script = (
         "import json, psutil, ray\n"
-        "from farm.dispatch import connect\n"
+        "from farm.cluster.dispatch import connect\n"
         "connect(gpus=1, local=True)\n"
         "url = ray._private.worker.global_worker.node.address_info['webui_url']\n"
         "port = int(url.rsplit(':', 1)[1])\n"
@@ -231,7 +230,7 @@ def _faulty_worker(fault: str = "render"):
     """A worker whose every render fails as a broken GPU's would (SDFARM_FAULT=render), or hangs."""
     import os
 
-    from farm.actors import worker_class
+    from farm.cluster.actors import worker_class
 
     env = {name: os.environ[name] for name in ("SDFARM_CACHE", "SDFARM_ROOTS") if name in os.environ}
     return worker_class().options(num_gpus=1, num_cpus=0, max_restarts=0, runtime_env={
@@ -241,7 +240,7 @@ def _faulty_worker(fault: str = "render"):
 def test_a_failing_worker_is_blocklisted_and_the_job_completes_on_the_other(ray_cluster, lora_dir, tmp_path):
     import ray
 
-    from farm.actors import start_workers
+    from farm.cluster.actors import start_workers
 
     plan = demo_plan(lora_dir, lora=["none", "subject-000001"], seed=list(range(12)))
     good, bad = start_workers(1, PipelineOptions(), use_gpus=True)[0], _faulty_worker()
@@ -275,7 +274,7 @@ def test_a_job_with_no_eligible_worker_left_fails_fast(ray_cluster, lora_dir, tm
 def test_workers_are_recycled_after_n_tasks(ray_cluster, lora_dir, tmp_path):
     import ray
 
-    from farm.pool import PrivatePool
+    from farm.cluster.pool import PrivatePool
 
     plan = demo_plan(lora_dir, lora=["none"], seed=list(range(16)))
     pool = PrivatePool.start(2, PipelineOptions(), use_gpus=True)
@@ -293,7 +292,7 @@ def test_workers_are_recycled_after_n_tasks(ray_cluster, lora_dir, tmp_path):
 def test_a_hung_worker_is_timed_out_and_its_tasks_render_elsewhere(ray_cluster, lora_dir, tmp_path):
     import ray
 
-    from farm.actors import start_workers
+    from farm.cluster.actors import start_workers
 
     plan = demo_plan(lora_dir, lora=["none"], seed=list(range(12)))
     good, hung = start_workers(1, PipelineOptions(), use_gpus=True)[0], _faulty_worker("hang")

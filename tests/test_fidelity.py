@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from farm.plan import plan_job
-from farm.spec import parse_spec
+from farm.sweep.plan import plan_job
+from farm.sweep.spec import parse_spec
 from tests.comfy_reference import comfy_reference_image
 
 SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2m",
@@ -77,10 +77,10 @@ def test_another_seed_is_far_from_the_reference(renderer, tiny_model, reference_
 _RENDER_IN_A_FRESH_PROCESS = """
 import sys
 from pathlib import Path
-from farm.pipeline import PipelineOptions
-from farm.plan import plan_job
-from farm.render import Renderer
-from farm.spec import parse_spec
+from farm.render.pipeline import PipelineOptions
+from farm.sweep.plan import plan_job
+from farm.render.renderer import Renderer
+from farm.sweep.spec import parse_spec
 model = Path(sys.argv[1])
 data = {"job": "fidelity", "model": str(model), "defaults": {"prompt": "photo of (a w0ut3r man:1.2)",
         "seed": 4242, "steps": 3, "width": 64, "height": 64, "sampler": sys.argv[2]}}

@@ -4,10 +4,10 @@ import pytest
 from PIL import Image
 
 from farm.errors import FarmError
-from farm.grid import BLANK, build_pages, make_grids, wrap, _font
-from farm.manifest import ManifestWriter, RunFolder
-from farm.plan import plan_job
-from farm.spec import parse_spec
+from farm.runs.grid import BLANK, build_pages, make_grids, wrap, _font
+from farm.runs.manifest import ManifestWriter, RunFolder
+from farm.sweep.plan import plan_job
+from farm.sweep.spec import parse_spec
 
 CELL = 96
 

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
-from farm.dataset import Buckets, Dataset, load_items, scan_subsets, step_math
+from farm.train.dataset import Buckets, Dataset, load_items, scan_subsets, step_math
 from farm.errors import SpecError
 
 CANARY = "CANARY-3f9d27-outside-the-roots"

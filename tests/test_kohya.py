@@ -1,4 +1,4 @@
-"""sd-scripts' SDXL conventions (farm.kohya): names, module set, hashes, metadata, layouts. CPU, fp32."""
+"""sd-scripts' SDXL conventions (farm.models.kohya): names, module set, hashes, metadata, layouts. CPU, fp32."""
 
 import hashlib
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save, save_file
 
-from farm import kohya
+from farm.models import kohya
 
 # SDXL 1.0 base's UNet layout (the block structure of diffusers' config of it)
 SDXL_UNET = {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
@@ -61,7 +61,7 @@ def test_sdxl_module_set_and_keys_agree_with_diffusers_single_file_reader():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    from farm.tiny import sdxl_base_config
+    from farm.models.sdxl import sdxl_base_config
 
     config = sdxl_base_config()
     with init_empty_weights():
@@ -134,9 +134,9 @@ def test_both_key_styles_load_through_the_farms_adapter_cache(tiny_model, tmp_pa
     from diffusers.utils import convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
 
-    from farm.artifacts import sha256_file
-    from farm.lora import AdapterCache
-    from farm.plan import LoraUse
+    from farm.models.artifacts import sha256_file
+    from farm.render.lora import AdapterCache
+    from farm.sweep.plan import LoraUse
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model, local_files_only=True)
     base = _unet_output(pipe.unet)

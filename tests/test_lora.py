@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from farm.errors import FarmError
-from farm.plan import plan_job
-from farm.spec import parse_spec
+from farm.sweep.plan import plan_job
+from farm.sweep.spec import parse_spec
 
 
 class Canary:
@@ -145,10 +145,10 @@ def test_500_load_switch_unload_cycles_keep_memory_flat(renderer, reference, tmp
     again), and every seventh turns LoRAs off. RSS after warm-up stays within 5 %."""
     import psutil
 
-    from farm.artifacts import sha256_file
-    from farm.lora import AdapterCache
-    from farm.plan import LoraUse
-    from farm.tiny import save_tiny_lora
+    from farm.models.artifacts import sha256_file
+    from farm.render.lora import AdapterCache
+    from farm.sweep.plan import LoraUse
+    from farm.models.tiny import save_tiny_lora
 
     loras = []
     for index in range(5):

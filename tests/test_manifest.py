@@ -4,8 +4,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from farm.errors import ManifestError
-from farm.manifest import SCHEMA, ManifestWriter, RunFolder
-from farm.render import RenderResult
+from farm.runs.manifest import SCHEMA, ManifestWriter, RunFolder
+from farm.render.renderer import RenderResult
 from test_pnginfo import make_task
 
 NOW = datetime(2026, 11, 21, tzinfo=timezone.utc)
@@ -69,14 +69,14 @@ def test_unreadable_part_names_the_file(tmp_path):
 
 
 def _row(r):
-    from farm.manifest import result_row
+    from farm.runs.manifest import result_row
 
     return result_row(r, "images/x.png" if r.status == "ok" else "")
 
 
 WRITER = """
 import pickle, sys
-from farm.manifest import ManifestWriter, RunFolder
+from farm.runs.manifest import ManifestWriter, RunFolder
 results = pickle.load(open(sys.argv[1], "rb"))
 run = RunFolder(sys.argv[2])
 run.remove_temp_files()
@@ -94,8 +94,8 @@ def rendered(renderer, lora_dir, tmp_path_factory):
     """Six real render results, pickled for a writer process to commit."""
     import pickle
 
-    from farm.plan import plan_job
-    from farm.spec import parse_spec
+    from farm.sweep.plan import plan_job
+    from farm.sweep.spec import parse_spec
 
     tasks = plan_job(parse_spec({"job": "w", "model": "tiny:sdxl", "defaults": {
         "prompt": "a", "steps": 2, "width": 64, "height": 64}, "axes": {"seed": list(range(6))}}), lora_dir).tasks

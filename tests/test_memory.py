@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from farm import memory
-from farm.memory import GiB, SDXL_BASE, ComponentSizes, MemoryOptions, plan_render
-from farm.pipeline import PipelineOptions
-from farm.render import Renderer
-from farm.spec import TrainOptions
+from farm.render import memory
+from farm.render.memory import GiB, SDXL_BASE, ComponentSizes, MemoryOptions, plan_render
+from farm.render.pipeline import PipelineOptions
+from farm.render.renderer import Renderer
+from farm.sweep.spec import TrainOptions
 from test_render import pixels, tasks_for
 
 CUDA_CONTEXT = 0.4 * GiB  # what the CUDA context takes of a card before any weight is loaded
@@ -65,7 +65,7 @@ def test_sdxl_lora_size_counted_on_the_real_unet(farm_cache):
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from farm.tiny import sdxl_base_config
+    from farm.models.sdxl import sdxl_base_config
 
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(sdxl_base_config() / "unet"))
@@ -87,7 +87,7 @@ def test_training_needs_per_card(mode, dim, weights, optimizer, batch, fits):
 
 
 def test_sizes_are_read_from_file_headers(tiny_model, single_file):
-    from farm.pipeline import load_pipeline
+    from farm.render.pipeline import load_pipeline
 
     pipe = load_pipeline(tiny_model, PipelineOptions(device="cpu"))
     counts = ComponentSizes(*(sum(p.numel() for p in getattr(pipe, name).parameters())
@@ -98,9 +98,9 @@ def test_sizes_are_read_from_file_headers(tiny_model, single_file):
 
 def test_bf16_is_refused_where_the_gpu_has_none(monkeypatch, data_root, tiny_model, tmp_path):
     from farm.errors import FarmError, ModelError
-    from farm.pipeline import torch_dtype
-    from farm.train import Trainer
-    from farm.dataset import dataset_for
+    from farm.render.pipeline import torch_dtype
+    from farm.train.trainer import Trainer
+    from farm.train.dataset import dataset_for
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
@@ -176,7 +176,7 @@ def test_model_offload_from_the_plan_and_after_a_failed_lora_load(gpu_of, monkey
 
 
 def test_a_load_that_runs_out_of_memory_falls_back(gpu_of, monkeypatch, tiny_model, lora_dir):
-    import farm.pipeline as pipeline
+    import farm.render.pipeline as pipeline
 
     gpu_of(64)
     tried = []
@@ -199,7 +199,7 @@ def test_a_load_that_runs_out_of_memory_falls_back(gpu_of, monkeypatch, tiny_mod
 # --- clean state between tasks --------------------------------------------------------------
 
 def test_a_model_switch_collects_the_old_pipeline_before_loading(tiny_model, single_file, lora_dir, monkeypatch):
-    import farm.render as render
+    import farm.render.renderer as render
 
     renderer = Renderer(PipelineOptions(device="cpu", threads=1, single_file_config=str(tiny_model)))
     folder_task = tasks_for(lora_dir, {"lora": ["subject-000001"]})[0]
@@ -220,9 +220,9 @@ def test_a_model_switch_collects_the_old_pipeline_before_loading(tiny_model, sin
 
 def test_a_worker_that_trains_after_rendering_holds_no_old_pipeline(data_root, tiny_model, tmp_path, lora_dir):
     """GpuWorker.train retires its renderer (no Ray needed for that part), then trains."""
-    from farm.actors import GpuWorker
-    from farm.dataset import dataset_for
-    from farm.train import Trainer
+    from farm.cluster.actors import GpuWorker
+    from farm.train.dataset import dataset_for
+    from farm.train.trainer import Trainer
 
     worker = object.__new__(GpuWorker)  # the actor's state without an actor
     worker.renderer = Renderer(PipelineOptions(device="cpu", threads=1))
@@ -241,8 +241,8 @@ def test_a_worker_that_trains_after_rendering_holds_no_old_pipeline(data_root, t
 # --- low precision on the CPU ---------------------------------------------------------------
 
 def test_bf16_render_and_train(data_root, tiny_model, tmp_path, lora_dir):
-    from farm.dataset import dataset_for
-    from farm.train import Trainer
+    from farm.train.dataset import dataset_for
+    from farm.train.trainer import Trainer
 
     renderer = Renderer(PipelineOptions(device="cpu", dtype="bf16", threads=1))
     result = renderer.render(tasks_for(lora_dir, {"lora": ["subject-000001"]})[0])
@@ -265,8 +265,8 @@ def test_bf16_render_and_train(data_root, tiny_model, tmp_path, lora_dir):
 def test_dreambooth_saves_its_folder_in_save_precision(data_root, tiny_model, tmp_path):
     from safetensors import safe_open
 
-    from farm.dataset import dataset_for
-    from farm.train import Trainer
+    from farm.train.dataset import dataset_for
+    from farm.train.trainer import Trainer
 
     opts = TrainOptions(train_data_dir="img", resolution=64, train_batch_size=2, output_name="db", mode="dreambooth",
                         learning_rate=1e-5, max_train_epochs=1, mixed_precision="bf16", save_precision="fp16")
@@ -281,9 +281,9 @@ def test_dreambooth_saves_its_folder_in_save_precision(data_root, tiny_model, tm
 # --- a single-file checkpoint (SGM layout) --------------------------------------------------
 
 def test_single_file_loads_renders_and_trains_as_its_folder(tiny_model, single_file, data_root, lora_dir, tmp_path):
-    from farm.dataset import dataset_for
-    from farm.pipeline import load_pipeline
-    from farm.train import Trainer
+    from farm.train.dataset import dataset_for
+    from farm.render.pipeline import load_pipeline
+    from farm.train.trainer import Trainer
 
     options = PipelineOptions(device="cpu", threads=1, single_file_config=str(tiny_model))
     folder, file = load_pipeline(tiny_model, options), load_pipeline(single_file, options)
@@ -319,8 +319,8 @@ def single_file(tiny_model, tmp_path_factory):
     """The tiny model as one SGM-layout `.safetensors` (sd-scripts' single-file SDXL layout)."""
     from safetensors.torch import save_file
 
-    from farm import kohya
-    from farm.pipeline import load_pipeline
+    from farm.models import kohya
+    from farm.render.pipeline import load_pipeline
 
     pipe = load_pipeline(tiny_model, PipelineOptions(device="cpu"))
     path = tmp_path_factory.mktemp("single") / "tiny-single.safetensors"
@@ -331,7 +331,7 @@ def single_file(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from farm.tiny import write_tiny_dataset
+    from farm.models.tiny import write_tiny_dataset
 
     return write_tiny_dataset(tmp_path_factory.mktemp("data"), images=4, repeats=1, reg_images=0)
 
@@ -339,7 +339,7 @@ def data_root(tmp_path_factory):
 def test_a_shared_worker_takes_on_each_jobs_pipeline_options(lora_dir):
     """A pool worker started with the first job's options reloads for a job whose options differ
     (the job's options travel with each chunk), releasing the old pipeline first."""
-    from farm.actors import GpuWorker, Source
+    from farm.cluster.actors import GpuWorker, Source
 
     worker = object.__new__(GpuWorker)  # the actor's state without an actor
     worker.name, worker.options = "worker:test", PipelineOptions(device="cpu", threads=1)

@@ -3,7 +3,7 @@
 import pytest
 
 from farm.errors import ModelError
-from farm.pipeline import PipelineOptions, load_pipeline
+from farm.render.pipeline import PipelineOptions, load_pipeline
 
 
 def test_sdxl_base_configs_describe_sdxl_exactly(farm_cache):
@@ -13,7 +13,7 @@ def test_sdxl_base_configs_describe_sdxl_exactly(farm_cache):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from farm.tiny import sdxl_base_config
+    from farm.models.sdxl import sdxl_base_config
 
     folder = sdxl_base_config()
     with init_empty_weights():  # no memory for 3.5 B parameters
@@ -27,7 +27,7 @@ def test_sdxl_base_configs_describe_sdxl_exactly(farm_cache):
 
 
 def test_a_safetensors_file_that_is_not_a_checkpoint_is_one_clear_error(farm_cache):
-    from farm.tiny import resolve_tiny
+    from farm.models.tiny import resolve_tiny
 
     lora = resolve_tiny("tiny:lora/not-a-model")
     with pytest.raises(ModelError) as info:
@@ -51,8 +51,8 @@ def test_vae_tiling_tiles_sdxl_at_1024(farm_cache):
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL
 
-    from farm.pipeline import enable_vae_tiling
-    from farm.tiny import sdxl_base_config
+    from farm.render.pipeline import enable_vae_tiling
+    from farm.models.sdxl import sdxl_base_config
 
     with init_empty_weights():
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(sdxl_base_config() / "vae"))

@@ -3,8 +3,8 @@ import shutil
 import pytest
 
 from farm.errors import SpecError
-from farm.plan import plan_job
-from farm.spec import parse_spec
+from farm.sweep.plan import plan_job
+from farm.sweep.spec import parse_spec
 
 
 def plan_of(data, folder, seeds=None):

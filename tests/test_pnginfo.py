@@ -1,9 +1,9 @@
 import hashlib
 import json
 
-from farm.plan import LoraUse, Task
-from farm.pnginfo import parameters_text, parse_parameters, read_png_parameters
-from farm.samplers import resolve_sampler
+from farm.sweep.plan import LoraUse, Task
+from farm.render.pnginfo import parameters_text, parse_parameters, read_png_parameters
+from farm.sweep.samplers import resolve_sampler
 
 
 def make_task(**changes):
@@ -65,8 +65,8 @@ def test_a_farm_png_gives_back_its_settings_and_the_loras_addnet_hash(renderer, 
     setting comes back, and `Lora hashes` is the AddNet hash of the LoRA file (sha256 of the bytes
     after the safetensors header), computed here from the file itself."""
     from farm.cli import main
-    from farm.plan import plan_job
-    from farm.spec import load_spec
+    from farm.sweep.plan import plan_job
+    from farm.sweep.spec import load_spec
     from tests.conftest import write_spec
 
     spec = write_spec(tmp_path, f"""

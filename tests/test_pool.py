@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from farm.manifest import RunFolder
+from farm.runs.manifest import RunFolder
 
 from local_cluster import local_cluster
 
@@ -216,7 +216,7 @@ def test_the_pool_follows_nodes_leaving_and_joining_mid_job(service, lora_dir, t
 
 
 def test_a_training_job_trains_on_the_head_and_evaluates_on_both_nodes(service):
-    from farm.spec import load_spec
+    from farm.sweep.spec import load_spec
 
     spec = Path(__file__).resolve().parent.parent / "jobs" / "demo-study.yaml"
     study = load_spec(str(spec), [])

@@ -5,18 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from farm.prompts import (
-    CHUNK_LENGTH,
-    SYNTAXES,
-    PromptError,
-    encode,
-    encode_pair,
-    parse,
-    parse_a1111,
-    parse_comfyui,
-    repeat_to_common_length,
-    tokenize,
-)
+from farm.errors import PromptError
+from farm.render.conditioning import CHUNK_LENGTH, encode, encode_pair, repeat_to_common_length, tokenize
+from farm.sweep.prompt_syntax import SYNTAXES, parse, parse_a1111, parse_comfyui
 
 
 # --- A1111: the examples of webui's parse_prompt_attention and its documented rules ---------

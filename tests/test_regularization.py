@@ -1,11 +1,9 @@
-from pathlib import Path
-
 import pytest
 
-from farm.dispatch import run_plan
-from farm.regularization import generate_reg_sets, reg_prompts, strip_token
-from farm.spec import RegSet, parse_spec
-from farm.tiny import write_tiny_dataset
+from farm.cluster.dispatch import run_plan
+from farm.train.regularization import generate_reg_sets, reg_prompts, strip_token
+from farm.sweep.spec import RegSet, parse_spec
+from farm.models.tiny import write_tiny_dataset
 
 
 @pytest.mark.parametrize("caption, expected", [

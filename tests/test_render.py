@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from farm.plan import plan_job
-from farm.spec import parse_spec
+from farm.sweep.plan import plan_job
+from farm.sweep.spec import parse_spec
 
 
 def tasks_for(lora_dir, axes, model="tiny:sdxl", **defaults):
@@ -148,8 +148,8 @@ def test_after_a_forced_vae_upcast_the_next_task_renders_in_the_original_dtype(l
     """The upcast is for the task that needed it: a worker in bf16 (or fp16) goes back to it."""
     import torch
 
-    from farm.pipeline import PipelineOptions
-    from farm.render import Renderer
+    from farm.render.pipeline import PipelineOptions
+    from farm.render.renderer import Renderer
 
     renderer = Renderer(PipelineOptions(device="cpu", dtype="bf16", threads=1))
     first, second = (tasks_for(lora_dir, {"seed": [seed]}, steps=2)[0] for seed in (1, 2))

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from farm.errors import SamplerError
-from farm.samplers import SCHEDULES, Sampler, fold, known_samplers, resolve_sampler
+from farm.sweep.samplers import SCHEDULES, Sampler, fold, known_samplers, resolve_sampler
 
 
 @pytest.mark.parametrize("name, key, schedule, a1111_name, a1111_schedule", [
@@ -114,5 +114,5 @@ def test_every_known_name_and_schedule_resolves_and_a1111_names_round_trip():
 
 def test_sampler_names_are_checked_without_torch():
     """Specs validate sampler names; that must not import torch."""
-    code = "import sys, farm.samplers as s; s.resolve_sampler('DPM++ 2M Karras'); assert 'torch' not in sys.modules"
+    code = "import sys, farm.sweep.samplers as s; s.resolve_sampler('DPM++ 2M Karras'); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

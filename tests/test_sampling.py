@@ -1,4 +1,4 @@
-"""farm.sampling against the `k-diffusion` package (tests/kdiffusion_ref.py) and against ComfyUI's
+"""farm.render.sampling against the `k-diffusion` package (tests/kdiffusion_ref.py) and against ComfyUI's
 and A1111's formulas written out independently here. Tiny fp32 CPU tensors throughout."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from farm import sampling as S
+from farm.render import sampling as S
 from farm.errors import ModelError, SamplerError
-from farm.samplers import SCHEDULES, _KINDS, resolve_sampler
+from farm.sweep.samplers import SCHEDULES, _KINDS, resolve_sampler
 from tests.kdiffusion_ref import external as KE, sampling as K
 
 SHAPE = (1, 4, 8, 8)

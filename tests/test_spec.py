@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from farm.errors import SpecError
-from farm.spec import load_spec, parse_spec
+from farm.sweep.spec import load_spec, parse_spec
 
 BASE = {"job": "t", "model": "tiny:sdxl", "defaults": {"prompt": "photo of a man"}}
 
@@ -184,7 +184,7 @@ def test_non_utf8_and_oversized_specs_are_refused_in_one_line(tmp_path, farm_cac
 
 
 def test_limits_come_from_the_farm_not_the_spec(tmp_path, farm_cache, monkeypatch):
-    from farm.spec import parse_spec
+    from farm.sweep.spec import parse_spec
 
     spec = {"job": "x", "model": "tiny:sdxl", "defaults": {"prompt": "a", "steps": 300, "width": 2048, "height": 2048}}
     parse_spec(spec)

@@ -12,12 +12,12 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from farm.dispatch import run_study
-from farm.grid import build_pages
-from farm.manifest import RunFolder
-from farm.spec import parse_spec
-from farm.study import Evaluation, Study
-from farm.tiny import write_tiny_dataset
+from farm.cluster.dispatch import run_study
+from farm.runs.grid import build_pages
+from farm.runs.manifest import RunFolder
+from farm.sweep.spec import parse_spec
+from farm.train.study import Evaluation, Study
+from farm.models.tiny import write_tiny_dataset
 
 
 def study_spec(tmp_path: Path, variants: dict, prompts=("photo of a man", "photo of a w0ut3r man")) -> Path:

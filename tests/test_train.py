@@ -10,11 +10,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from farm.dataset import dataset_for
-from farm.plan import plan_job
-from farm.spec import TrainOptions, parse_spec
-from farm.tiny import write_tiny_dataset
-from farm.train import Trainer, checkpoint_name
+from farm.train.dataset import dataset_for
+from farm.sweep.plan import plan_job
+from farm.sweep.spec import TrainOptions, parse_spec
+from farm.models.tiny import write_tiny_dataset
+from farm.train.trainer import Trainer, checkpoint_name
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +242,7 @@ def _assert_single_file_round_trips(path, trained, config):
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModelWithProjection
 
-    from farm.kohya import TE2_PREFIX
+    from farm.models.kohya import TE2_PREFIX
 
     with safe_open(str(path), "pt") as handle:
         keys, meta = set(handle.keys()), handle.metadata()

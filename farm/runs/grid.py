@@ -15,8 +15,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import FarmError
-from .manifest import RunFolder
+from farm.errors import FarmError
+from farm.runs.manifest import RunFolder
 
 _TITLE_FIELDS = [("model", "Model"), ("sampler", "Sampler"), ("steps", "Steps"), ("cfg", "CFG"),
                  ("seed", "Seed"), ("size", "Size"), ("negative_prompt", "Negative")]

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .artifacts import resolve_model
-from .dataset import StepMath, dataset_for, step_math
-from .errors import FarmError
-from .plan import Plan, plan_job
-from .regularization import GENERATED, planned_reg_items
-from .spec import RenderJob, TrainJob
-from .train import TrainRun, planned_checkpoints
+from farm.models.artifacts import resolve_model
+from farm.train.dataset import StepMath, dataset_for, step_math
+from farm.errors import FarmError
+from farm.sweep.plan import Plan, plan_job
+from farm.train.regularization import GENERATED, planned_reg_items
+from farm.sweep.spec import RenderJob, TrainJob
+from farm.train.trainer import TrainRun, planned_checkpoints
 
 
 @dataclass
@@ -96,7 +96,7 @@ class Study:
 def evaluation_cells(job: RenderJob, checkpoints_per_run: dict[str, int], spec_dir: Path) -> dict[str, int]:
     """Grid cells per sweep before any checkpoint exists: the product of the axis lengths, where a
     `{run: v002}` value counts as that run's planned checkpoints and style `*` as every style."""
-    from .plan import Expander
+    from farm.sweep.plan import Expander
 
     counts = {}
     for sweep, table in job.sweep_jobs():
@@ -149,8 +149,8 @@ def run_training_job(study: Study, recorded_seeds: dict | None, render: Callable
     """Reg sets first, then every run with its evaluation. `render(plan, folder)` renders a plan
     (the dispatcher's run_plan); `train_and_evaluate(trains, replan)` is its run_study. Call
     `study.check()` first, before starting Ray."""
-    from .manifest import RunFolder
-    from .regularization import generate_reg_sets
+    from farm.runs.manifest import RunFolder
+    from farm.train.regularization import generate_reg_sets
 
     reg_folders = generate_reg_sets(study.job, study.spec_dir, study.run_dir, render)
     runs = study.runs(reg_folders)

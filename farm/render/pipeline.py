@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelError
+from farm.errors import ModelError
+from farm.models.sdxl import quiet_libraries
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,10 @@ class PipelineOptions:
     vae_tiling: bool = False  # decode in tiles whatever the plan says: large images on small GPUs
     vae_slicing: bool = False
     cpu_offload: str = "none"  # the least offload: none | model | sequential; the memory plan may go
-    # further when the model would not fit the free VRAM (see farm.memory)
+    # further when the model would not fit the free VRAM (see farm.render.memory)
     threads: int | None = None  # torch CPU threads; one per actor beats sharing cores
     single_file_config: str | None = None  # diffusers folder with the configs of a single-file
-    # checkpoint's components; default: SDXL 1.0 base's, built offline (farm.tiny.sdxl_base_config)
+    # checkpoint's components; default: SDXL 1.0 base's, built offline (farm.models.sdxl.sdxl_base_config)
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -40,7 +41,7 @@ def pick_device(requested: str | None = None) -> str:
 def torch_dtype(options: PipelineOptions, device: str):
     import torch
 
-    from .memory import bf16_supported
+    from farm.render.memory import bf16_supported
 
     names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if options.dtype == "auto":
@@ -54,10 +55,10 @@ def torch_dtype(options: PipelineOptions, device: str):
 
 
 def memory_options(options: PipelineOptions, dtype, width: int = 1024, height: int = 1024):
-    """What the memory plan needs from the options (`farm.memory.MemoryOptions`)."""
+    """What the memory plan needs from the options (`farm.render.memory.MemoryOptions`)."""
     import torch
 
-    from .memory import MemoryOptions
+    from farm.render.memory import MemoryOptions
 
     return MemoryOptions(dtype_bytes=4 if dtype == torch.float32 else 2, vae_upcast=dtype == torch.float16,
                          width=width, height=height, offload=options.cpu_offload, vae_tiling=options.vae_tiling)
@@ -75,7 +76,7 @@ def load_planned(path: str | Path, options: PipelineOptions = PipelineOptions())
     GPU runs out of memory anyway. `notes` says what the load needed."""
     import torch
 
-    from . import memory
+    from farm.render import memory
 
     quiet_libraries()
     path = Path(path)
@@ -126,7 +127,7 @@ def place(pipe, plan, device: str) -> None:
 def enable_vae_tiling(vae) -> None:
     """Tiled VAE decode in tiles of at most `memory.VAE_TILE` pixels: diffusers' default tile is
     the VAE's sample size, 1024 for SDXL, which tiles nothing at 1024²."""
-    from .memory import VAE_TILE
+    from farm.render.memory import VAE_TILE
 
     vae.enable_tiling()
     if vae.tile_sample_min_size > VAE_TILE:
@@ -143,7 +144,7 @@ def _read(path: Path, options: PipelineOptions, dtype):
         if path.is_dir():
             return StableDiffusionXLPipeline.from_pretrained(
                 path, dtype=dtype, use_safetensors=True, local_files_only=True)
-        from .tiny import sdxl_base_config
+        from farm.models.sdxl import sdxl_base_config
 
         # the component configs come from a local folder: offline there is no hub to ask
         config = options.single_file_config or str(sdxl_base_config())
@@ -180,21 +181,6 @@ def _second_text_encoder(path: Path, config: str, dtype) -> dict:
     model = create_diffusers_clip_model_from_ldm(CLIPTextModelWithProjection, state, config=config,
                                                  subfolder="text_encoder_2", torch_dtype=dtype, local_files_only=True)
     return {"text_encoder_2": model}
-
-
-def quiet_libraries() -> None:
-    """Progress bars and per-load notices from diffusers/transformers/peft drown the farm's log."""
-    import warnings
-
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
-    warnings.filterwarnings("ignore", message=".*requires torchvision.*")
 
 
 def describe_device(device: str) -> str:

@@ -3,7 +3,7 @@
 kohya's option names and meanings, peft for the adapters (scale = network_alpha / network_dim, as
 sd-scripts), diffusers for the noise schedule and the learning-rate schedules; no LoRA math by
 hand. The LoRA trains the modules sd-scripts' `networks.lora` trains and is saved under its SDXL
-names (`farm.kohya`). Checkpoints are one `.safetensors` file each, named as kohya names them
+names (`farm.models.kohya`). Checkpoints are one `.safetensors` file each, named as kohya names them
 (`<output_name>-000001.safetensors`, the last without a suffix), with kohya's `ss_*`, `sshs_*`
 and `modelspec.*` metadata, so A1111, ComfyUI and diffusers load them unchanged.
 
@@ -24,9 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .dataset import Dataset, step_math
-from .errors import FarmError
-from .spec import TrainOptions
+from farm.train.dataset import Dataset, step_math
+from farm.errors import FarmError
+from farm.sweep.spec import TrainOptions
 
 STATE_DIR = "state"
 LOG_FILE = "log.csv"
@@ -118,8 +118,9 @@ class Trainer:
                  out_dir: Path, device: str | None = None, pipeline=None):
         import torch
 
-        from .memory import bf16_supported
-        from .pipeline import PipelineOptions, pick_device, quiet_libraries
+        from farm.render.memory import bf16_supported
+        from farm.models.sdxl import quiet_libraries
+        from farm.render.pipeline import PipelineOptions, pick_device
 
         quiet_libraries()
         self.run, self.dataset, self.options, self.out_dir = run, dataset, options, Path(out_dir)
@@ -141,7 +142,7 @@ class Trainer:
         import torch
         from diffusers import DDPMScheduler
 
-        from . import kohya
+        from farm.models import kohya
 
         self.model_path = Path(model_path)
         self.full = self.options.mode == "dreambooth"
@@ -187,7 +188,7 @@ class Trainer:
 
         import torch
 
-        from .pipeline import load_pipeline
+        from farm.render.pipeline import load_pipeline
 
         low = self.dtype or torch.float32
         names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -204,7 +205,7 @@ class Trainer:
     def _cache_and_park(self) -> None:
         """With `cache_latents`, encode every image's latent now and move the VAE off the GPU;
         with frozen text encoders, encode every caption now and move them off too."""
-        from .memory import release
+        from farm.render.memory import release
 
         cached = self.options.cache_latents
         if cached:
@@ -340,7 +341,7 @@ class Trainer:
         """The adapters under sd-scripts' SDXL names (`lora_unet_input_blocks_4_1_…`,
         `lora_te1_text_model_encoder_layers_0_…`): `.lora_down.weight`, `.lora_up.weight` and
         `.alpha` (network_alpha), in `save_precision`."""
-        from . import kohya
+        from farm.models import kohya
 
         names = kohya.SgmUNetNames(self.pipe.unet.config)
         models = [(kohya.LORA_PREFIX_UNET, self.pipe.unet, names.module)]
@@ -355,8 +356,8 @@ class Trainer:
         if not hasattr(self, "_model_hashes"):
             self._model_hashes = {}
             if self.model_path.is_file():
-                from . import kohya
-                from .artifacts import HashCache
+                from farm.models import kohya
+                from farm.models.artifacts import HashCache
 
                 cache = HashCache()
                 self._model_hashes = {"ss_sd_model_hash": kohya.legacy_model_hash(self.model_path),
@@ -381,8 +382,8 @@ class Trainer:
     def metadata(self, epoch: int, step: int, started_at: datetime) -> dict[str, str]:
         """kohya's `ss_*` training metadata and the `modelspec.*` keys (all values are strings in
         safetensors headers). `sshs_*` hashes are added when the file is written."""
-        from . import kohya
-        from .tiny import is_tiny
+        from farm.models import kohya
+        from farm.models.tiny import is_tiny
 
         o, d = self.options, self.dataset
 
@@ -518,9 +519,9 @@ class Trainer:
             return Checkpoint(self.run, str(path), epoch, step, final, sha, label, platform.node(), str(single))
         from safetensors.torch import save
 
-        from . import kohya
-        from .artifacts import sha256_file
-        from .manifest import write_atomic
+        from farm.models import kohya
+        from farm.models.artifacts import sha256_file
+        from farm.runs.manifest import write_atomic
 
         path = self.out_dir / name
         if not path.is_file():  # a resumed run recomputes the same weights: keep the file renders used
@@ -534,7 +535,7 @@ class Trainer:
         """OpenCLIP's logit_scale from a single-file base model (diffusers drops it), else None."""
         from safetensors import safe_open
 
-        from .kohya import LOGIT_SCALE_KEY
+        from farm.models.kohya import LOGIT_SCALE_KEY
 
         if not self.model_path.is_file():
             return None
@@ -546,7 +547,7 @@ class Trainer:
         metadata, in `save_precision`; written beside and renamed into place."""
         from safetensors.torch import save_file
 
-        from . import kohya
+        from farm.models import kohya
 
         if path.is_file():
             return
@@ -565,7 +566,7 @@ class Trainer:
         import shutil
         import tempfile
 
-        from .artifacts import HashCache
+        from farm.models.artifacts import HashCache
 
         single = self.out_dir / f"{name}.safetensors"
         self._save_single_file(single)
@@ -823,8 +824,8 @@ def train_run(job: TrainRun, device: str | None = None, progress: bool = False,
 
     `on_step(step, loss, seconds)` sees every optimizer step (the worker turns it into metrics);
     `pipeline` (PipelineOptions) carries the worker's `single_file_config`."""
-    from .dataset import dataset_for
-    from .memory import release
+    from farm.train.dataset import dataset_for
+    from farm.render.memory import release
 
     dataset = dataset_for(job.options, Path(job.data_base))
     trainer = Trainer(job.run, job.model_path, job.model_name, dataset, job.options, Path(job.out_dir), device,

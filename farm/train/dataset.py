@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .errors import SpecError, first_line
-from .spec import MAX_SPEC_BYTES, farm_limit
+from farm.errors import SpecError, first_line
+from farm.sweep.spec import MAX_SPEC_BYTES, farm_limit
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 _PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what those suffixes hold; no other decoder ever runs
@@ -270,7 +270,7 @@ class Dataset:
 
 def _inside(path: Path, base: Optional[Path]) -> Path:
     """`path` resolved, refused unless it lies in the folders jobs may read (see artifacts)."""
-    from .artifacts import inside_roots
+    from farm.models.artifacts import inside_roots
 
     return inside_roots(path, base if base is not None else path.parent, SpecError)
 
@@ -281,7 +281,7 @@ def read_caption(image: Path, subset: Subset, base: Optional[Path] = None) -> st
     Read as sd-scripts reads it: UTF-8 (anything else fails, in sd-scripts too), first line only,
     stripped. The file may be a symlink only into the allowed folders, and is at most
     SDFARM_MAX_CAPTION_BYTES. An empty first line falls back to the folder's tokens."""
-    from .artifacts import read_regular
+    from farm.models.artifacts import read_regular
 
     extension = subset.caption_extension
     if "/" in extension or os.sep in extension or "\0" in extension:
@@ -358,7 +358,7 @@ def check_image(path: Path) -> tuple[int, int]:
     here, not in a training worker). JPEGs are decoded at 1/8 scale: the whole stream is still read."""
     from PIL import Image, UnidentifiedImageError
 
-    from .artifacts import open_regular
+    from farm.models.artifacts import open_regular
 
     limit = max_image_pixels()
     stamp = _stamp(path, limit)
@@ -498,7 +498,7 @@ def load_dataset_toml(path: Path, base: Optional[Path] = None) -> tuple[list[Sub
     """The parts of kohya's dataset TOML that map onto this farm; anything else is an error.
     `image_dir`s are relative to the TOML and must lie in the folders jobs may read (`base`: the
     spec's folder; default: the TOML's)."""
-    from .artifacts import read_regular
+    from farm.models.artifacts import read_regular
 
     path = _inside(path, base)
     data = read_regular(path, MAX_SPEC_BYTES, SpecError)
@@ -598,8 +598,8 @@ def data_path(reference: str, base: Path, roots_base: Optional[Path] = None) -> 
     """A dataset folder or file: relative to `base` (the spec's folder), or inside the built-in
     `tiny:subject` dataset; resolved, and refused outside the folders jobs may read (computed for
     `roots_base`, default `base`), as models and LoRAs are."""
-    from .artifacts import inside_roots
-    from .tiny import TINY_SUBJECT, resolve_tiny
+    from farm.models.artifacts import inside_roots
+    from farm.models.tiny import TINY_SUBJECT, resolve_tiny
 
     roots_base = roots_base if roots_base is not None else base
     if reference.startswith(TINY_SUBJECT):

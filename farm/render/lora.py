@@ -15,8 +15,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import LoraError, first_line
-from .plan import LoraUse
+from farm.errors import LoraError, first_line
+from farm.sweep.plan import LoraUse
 
 
 def adapter_name(lora: LoraUse) -> str:

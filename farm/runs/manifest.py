@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import __version__
-from .errors import ManifestError
-from .render import RenderResult
+from farm import __version__
+from farm.errors import ManifestError
+from farm.render.renderer import RenderResult
 
 _STR_MAP = pa.map_(pa.string(), pa.string())
 _LORA = pa.struct([("name", pa.string()), ("sha256", pa.string()), ("strength", pa.float64())])

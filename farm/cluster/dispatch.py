@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import ActorUnschedulableError, RayActorError, RayTaskError
 
-from .metrics import farm_metrics
-from .errors import FarmError, first_line
-from .manifest import ManifestWriter, RunFolder
-from .pipeline import PipelineOptions
-from .pool import PrivatePool
-from .plan import Plan, Task
-from .render import RenderResult
+from farm.cluster.metrics import farm_metrics
+from farm.errors import FarmError, first_line
+from farm.runs.manifest import ManifestWriter, RunFolder
+from farm.render.pipeline import PipelineOptions
+from farm.cluster.pool import PrivatePool
+from farm.sweep.plan import Plan, Task
+from farm.render.renderer import RenderResult
 
 MAX_ATTEMPTS = 3
 MAX_LOSSES = 20

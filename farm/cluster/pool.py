@@ -24,11 +24,11 @@ from dataclasses import dataclass, field, replace
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .actors import NAMESPACE, artifact_source, start_pool_worker, start_workers
-from .artifacts import shared_roots
-from .errors import FarmError
-from .jobqueue import print_progress
-from .pipeline import PipelineOptions
+from farm.cluster.actors import NAMESPACE, artifact_source, start_pool_worker, start_workers
+from farm.models.artifacts import shared_roots
+from farm.errors import FarmError
+from farm.cluster.jobqueue import print_progress
+from farm.render.pipeline import PipelineOptions
 
 POOL_NAME = "sdfarm-pool"
 LEASE_S = 5.0
@@ -481,3 +481,17 @@ class SharedPool:
             ray.get(self.keeper.finish.remote(self.key), timeout=30)
         except Exception as exc:  # the keeper takes the leases back when this job goes quiet anyway
             print(f"farm: warning: could not return workers to the pool: {type(exc).__name__}", file=sys.stderr)
+
+
+def run_control(action: str, key: str) -> dict:
+    """On the head, inside a control job: act on the pool's keeper."""
+    ray.init(address="auto", namespace=NAMESPACE, logging_level="ERROR")
+    try:
+        keeper = ray.get_actor(POOL_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return {"found": False, "workers": {}, "jobs": {}}
+    if action in ("pause", "resume"):
+        return {"found": ray.get(keeper.pause.remote(key, action == "pause"))}
+    if action == "pool":
+        return ray.get(keeper.status.remote())
+    raise FarmError(f"farm control: unknown action {action!r}")

@@ -255,7 +255,7 @@ def modelspec(lora: bool, title: str, resolution: tuple[int, int], prediction_ty
     """The `modelspec.*` keys sd-scripts writes for an SDXL LoRA (`lora`) or SDXL checkpoint."""
     import time
 
-    from . import __version__
+    from farm import __version__
 
     stamp = int(time.time() if timestamp is None else timestamp)
     return {

@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import re
 
-from .plan import Task, file_label
-from .samplers import Sampler
+from farm.sweep.plan import Task, file_label
+from farm.sweep.samplers import Sampler
 
 # one `Key: value` of the settings line, as A1111's infotext parser reads it
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import FarmError, first_line
+from farm.errors import FarmError, first_line
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PROGRESS_MARK = "sdfarm-progress "
@@ -183,23 +183,4 @@ def resume(address: str | None, submission_id: str) -> str:
     _submit(client(address), entrypoint=entrypoint, submission_id=new_id, runtime_env=job.runtime_env,
             entrypoint_num_cpus=0, metadata=job.metadata)
     return new_id
-
-
-def run_control(action: str, key: str) -> dict:
-    """On the head, inside a control job: act on the pool's keeper."""
-    import ray
-
-    from .actors import NAMESPACE
-    from .pool import POOL_NAME
-
-    ray.init(address="auto", namespace=NAMESPACE, logging_level="ERROR")
-    try:
-        keeper = ray.get_actor(POOL_NAME, namespace=NAMESPACE)
-    except ValueError:
-        return {"found": False, "workers": {}, "jobs": {}}
-    if action in ("pause", "resume"):
-        return {"found": ray.get(keeper.pause.remote(key, action == "pause"))}
-    if action == "pool":
-        return ray.get(keeper.status.remote())
-    raise FarmError(f"farm control: unknown action {action!r}")
 

@@ -11,16 +11,13 @@ builds them on first use into a cache folder and reuses them after.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import importlib.util
-import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import FarmError, ModelError
+from farm.errors import ModelError
+from farm.models.cache import farm_cache, publish
+from farm.models.sdxl import SCHEDULER, quiet_libraries, write_clip_vocab
 
 TINY_MODEL = "tiny:sdxl"
 TINY_LORA_PREFIX = "tiny:lora/"
@@ -49,58 +46,12 @@ _VAE = dict(
     layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64,
     scaling_factor=0.13025,
 )
-_SCHEDULER = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-    steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
-)
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def cache_dir() -> Path:
-    """Where tiny models are cached: $SDFARM_CACHE, else ~/.cache/sdfarm."""
-    root = os.environ.get("SDFARM_CACHE") or Path.home() / ".cache" / "sdfarm"
-    return Path(root) / f"tiny-v{TINY_VERSION}"
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte → printable-unicode table (the first 256 vocabulary entries)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
-    )
-    # Order matters: the vocabulary lists the printable bytes first, then the remapped rest.
-    table = {b: chr(b) for b in printable}
-    others = [b for b in range(256) if b not in table]
-    table.update({b: chr(256 + i) for i, b in enumerate(others)})
-    return table
-
-
-def clip_bpe_path() -> Path:
-    """CLIP's BPE merges as shipped inside the open-clip-torch wheel (found without importing it)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise FarmError(
-            "the tiny model needs CLIP's vocabulary from the open-clip-torch package: "
-            "pip install --no-deps open-clip-torch"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
-    if not path.is_file():
-        raise FarmError(f"{path}: CLIP vocabulary file missing from open-clip-torch")
-    return path
-
-
-def write_clip_vocab(folder: Path) -> tuple[Path, Path]:
-    """Rebuild CLIP's vocab.json and merges.txt (49,408 entries) from the BPE merges file."""
-    lines = gzip.open(clip_bpe_path()).read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    symbols = list(_bytes_to_unicode().values())
-    vocab_list = symbols + [s + "</w>" for s in symbols]
-    vocab_list += ["".join(m.split()) for m in merges]
-    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
-    vocab_path.write_text(json.dumps({tok: i for i, tok in enumerate(vocab_list)}))
-    merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return vocab_path, merges_path
+    """Where tiny models are cached: `tiny-vN/` in the farm's cache."""
+    return farm_cache() / f"tiny-v{TINY_VERSION}"
 
 
 def build_tiny_pipeline(seed: int = 0):
@@ -122,47 +73,20 @@ def build_tiny_pipeline(seed: int = 0):
     text_encoder_2 = CLIPTextModelWithProjection(text_config)
     return StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler(**_SCHEDULER),
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler(**SCHEDULER),
     )
-
-
-def _publish(build, target: Path) -> Path:
-    """Build into a temp sibling and rename into place, so a crash never leaves half a model."""
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        built = build(tmp)
-        _make_readable(tmp)
-        try:
-            os.replace(built, target)
-        except OSError:
-            if not target.exists():  # lost a race to another process: theirs is as good
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _make_readable(root: Path) -> None:
-    """diffusers writes .safetensors as 0600; Ray workers run as other users on real clusters."""
-    for path in [root, *root.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def save_tiny_model(folder: Path, seed: int = 0) -> Path:
     """Build the tiny SDXL and save it as a diffusers folder (safetensors only) at `folder`."""
 
     def build(tmp: Path) -> Path:
-        from .pipeline import quiet_libraries
-
         quiet_libraries()
         out = tmp / "model"
         build_tiny_pipeline(seed).save_pretrained(out, safe_serialization=True)
         return out
 
-    return _publish(build, Path(folder))
+    return publish(build, Path(folder))
 
 
 def tiny_lora_state_dict(name: str, rank: int = 4):
@@ -196,7 +120,7 @@ def save_tiny_lora(path: Path, name: str, rank: int = 4) -> Path:
         )
         return tmp / "lora.safetensors"
 
-    return _publish(build, path)
+    return publish(build, path)
 
 
 def resolve_tiny(reference: str) -> Path:
@@ -204,7 +128,7 @@ def resolve_tiny(reference: str) -> Path:
     if reference == TINY_MODEL:
         return save_tiny_model(cache_dir() / "sdxl")
     if reference == TINY_SUBJECT:
-        return _publish(lambda tmp: write_tiny_dataset(tmp / "subject", images=4, repeats=2, reg_images=4),
+        return publish(lambda tmp: write_tiny_dataset(tmp / "subject", images=4, repeats=2, reg_images=4),
                         cache_dir() / "subject")
     if reference.startswith(TINY_LORA_PREFIX):
         name = reference[len(TINY_LORA_PREFIX):]
@@ -264,66 +188,3 @@ def write_tiny_dataset(root: Path, images: int = 4, repeats: int = 2, token: str
             if captions:
                 (reg_dir / f"{index:03d}.txt").write_text(f"photo of a {class_word}, {_POSES[index % len(_POSES)]}")
     return root
-
-
-SDXL_CONFIG = "sdxl-base-config"  # cache folder name of the SDXL base component configs
-
-
-def sdxl_base_config() -> Path:
-    """A diffusers folder of SDXL 1.0 base's component *configs* (no weights), built offline.
-
-    `from_single_file` needs these to know what a single-file checkpoint holds; without network
-    it would otherwise look for them in the Hugging Face cache. Values are SDXL base 1.0's; the
-    tokenizers are CLIP's real vocabulary (the second pads with "!")."""
-
-    def build(tmp: Path) -> Path:
-        from transformers import CLIPTextConfig, CLIPTokenizer
-
-        out = tmp / "config"
-        text = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                    pad_token_id=1)
-        CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                       hidden_act="quick_gelu", projection_dim=768, architectures=["CLIPTextModel"],
-                       **text).save_pretrained(out / "text_encoder")
-        CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-                       hidden_act="gelu", projection_dim=1280, architectures=["CLIPTextModelWithProjection"],
-                       **text).save_pretrained(out / "text_encoder_2")
-        with tempfile.TemporaryDirectory() as vocab_dir:
-            vocab, merges = write_clip_vocab(Path(vocab_dir))
-            CLIPTokenizer(str(vocab), str(merges), model_max_length=77).save_pretrained(out / "tokenizer")
-            CLIPTokenizer(str(vocab), str(merges), model_max_length=77, pad_token="!").save_pretrained(
-                out / "tokenizer_2")
-        configs = {
-            "model_index.json": {
-                "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
-                "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-                "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]},
-            "unet/config.json": {
-                "_class_name": "UNet2DConditionModel", "act_fn": "silu", "addition_embed_type": "text_time",
-                "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256,
-                "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
-                "cross_attention_dim": 2048, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D",
-                                                                  "CrossAttnDownBlock2D"],
-                "in_channels": 4, "layers_per_block": 2, "mid_block_type": "UNetMidBlock2DCrossAttn",
-                "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4,
-                "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
-                "transformer_layers_per_block": [1, 2, 10],
-                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                "use_linear_projection": True},
-            "vae/config.json": {
-                "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
-                "down_block_types": ["DownEncoderBlock2D"] * 4, "force_upcast": True, "in_channels": 3,
-                "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
-                "sample_size": 1024, "scaling_factor": 0.13025, "up_block_types": ["UpDecoderBlock2D"] * 4},
-            "scheduler/scheduler_config.json": {
-                "_class_name": "EulerDiscreteScheduler", **_SCHEDULER, "interpolation_type": "linear",
-                "use_karras_sigmas": False},
-        }
-        for name, config in configs.items():
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-            (out / name).write_text(json.dumps(config, indent=2))
-        return out
-
-    return _publish(build, cache_dir().parent / SDXL_CONFIG)

@@ -36,7 +36,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .errors import ModelError, SamplerError
+from farm.errors import ModelError, SamplerError
 
 NOISE = ("comfyui", "a1111-cpu", "a1111-gpu")
 
@@ -820,7 +820,7 @@ def sample(sampler, eps_fn: EpsFn, shape: Sequence[int], seed: int, steps: int, 
     """Sample one latent (float32, on `device`, before VAE scaling) the way the `noise`
     convention's tool does for this sampler, schedule, seed and step count.
 
-    `sampler` is a farm.samplers.Sampler; `eps_fn(x_in, t)` the (guided) noise prediction;
+    `sampler` is a farm.sweep.samplers.Sampler; `eps_fn(x_in, t)` the (guided) noise prediction;
     `model_sigmas` the checkpoint's training sigmas (model_sigmas(), SDXL's by default)."""
     comfy = _is_comfy(noise)
     sampler.check_noise(noise)

@@ -14,8 +14,9 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import LoraError, ModelError
-from .tiny import cache_dir, is_tiny, resolve_tiny
+from farm.errors import LoraError, ModelError
+from farm.models.cache import farm_cache
+from farm.models.tiny import is_tiny, resolve_tiny
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 _HASH_CACHE_NAME = "sha256-cache.json"
@@ -33,7 +34,7 @@ def allowed_roots(base: Path) -> list[Path]:
     network then cannot make a worker read /etc or another user's files, by path or symlink."""
     extra = os.environ.get("SDFARM_ROOTS")
     listed = [Path(p) for p in extra.split(os.pathsep) if p] if extra is not None else [Path.home()]
-    return [root.expanduser().resolve() for root in (base, cache_dir().parent, *listed)]
+    return [root.expanduser().resolve() for root in (base, farm_cache(), *listed)]
 
 
 def inside_roots(given: Path, base: Path, error: type[Exception] = ModelError) -> Path:
@@ -154,7 +155,7 @@ class HashCache:
     """sha256 of files, remembered by (path, size, mtime) in a JSON file next to the tiny cache."""
 
     def __init__(self, path: Path | None = None):
-        self.path = path or cache_dir().parent / _HASH_CACHE_NAME
+        self.path = path or farm_cache() / _HASH_CACHE_NAME
         try:
             self.entries: dict = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -208,7 +209,7 @@ FETCH_BLOCK = 16 << 20  # bytes per object-store transfer: big files never sit w
 def node_cache_dir() -> Path:
     """This node's fetched copies: $SDFARM_NODE_CACHE, else `blobs/` in the sdfarm cache."""
     root = os.environ.get("SDFARM_NODE_CACHE")
-    return Path(root) if root else cache_dir().parent / "blobs"
+    return Path(root) if root else farm_cache() / "blobs"
 
 
 def shared_roots() -> list[Path]:

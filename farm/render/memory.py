@@ -205,7 +205,7 @@ def model_sizes(path: str | Path) -> ComponentSizes:
 
 def lora_parameters(unet, dim: int, conv_dim: int | None = None) -> int:
     """Trainable parameters of a kohya LoRA of rank `dim` on `unet` (a meta-device one will do)."""
-    from . import kohya
+    from farm.models import kohya
 
     targets = kohya.lora_targets(unet, kohya.UNET_TARGET_BLOCKS, kohya.UNET_CONV_BLOCKS if conv_dim else ())
     modules = dict(unet.named_modules())

@@ -23,12 +23,12 @@ from typing import Iterator
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .artifacts import fetched_copy, is_shared
-from .errors import LoraError
-from .metrics import record_render, record_train_step
-from .pipeline import PipelineOptions
-from .plan import LoraUse, Task
-from .render import Renderer, RenderResult
+from farm.models.artifacts import fetched_copy, is_shared
+from farm.errors import LoraError
+from farm.cluster.metrics import record_render, record_train_step
+from farm.render.pipeline import PipelineOptions
+from farm.sweep.plan import LoraUse, Task
+from farm.render.renderer import Renderer, RenderResult
 
 NAMESPACE = "sdfarm"
 # Ray restarts a killed worker (OOM killer, kill -9, a driver crash) this many times; the
@@ -117,8 +117,8 @@ class GpuWorker:
 
     def train(self, job) -> Iterator:
         """Run one training run (a `train.TrainRun`), yielding each Checkpoint as it is saved."""
-        from .memory import release
-        from .train import train_run
+        from farm.render.memory import release
+        from farm.train.trainer import train_run
 
         self._retire_renderer()
         self.renderer = self._new_renderer()  # drop the render pipeline first

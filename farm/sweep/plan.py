@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .artifacts import HashCache, resolve_lora, resolve_model
-from .errors import FarmError, SpecError
-from .prompts import parse as parse_prompt
-from .samplers import resolve_sampler
-from .spec import RenderJob, farm_limit
+from farm.models.artifacts import HashCache, resolve_lora, resolve_model
+from farm.errors import FarmError, SpecError
+from farm.sweep.prompt_syntax import parse as parse_prompt
+from farm.sweep.samplers import resolve_sampler
+from farm.sweep.spec import RenderJob, farm_limit
 
 # Bump when the renderer changes in a way that changes pixels for the same settings.
 RENDER_VERSION = 2  # 2: k-diffusion samplers, prompt weighting, device-independent noise
@@ -163,9 +163,9 @@ class Expander:
             import csv
             import io
 
-            from .artifacts import inside_roots, read_regular
-            from .errors import first_line
-            from .spec import MAX_SPEC_BYTES
+            from farm.models.artifacts import inside_roots, read_regular
+            from farm.errors import first_line
+            from farm.sweep.spec import MAX_SPEC_BYTES
 
             try:
                 path = inside_roots(self.spec_dir / self.job.styles, self.spec_dir)

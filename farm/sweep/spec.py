@@ -16,8 +16,8 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
                       ValidationError, model_validator)
 
-from .errors import SamplerError, SpecError
-from .samplers import resolve_sampler
+from farm.errors import SamplerError, SpecError
+from farm.sweep.samplers import resolve_sampler
 
 MAX_SEED = 2**64 - 1
 MAX_SPEC_BYTES = 4 << 20

@@ -13,10 +13,10 @@ import re
 import shutil
 from pathlib import Path
 
-from .dataset import data_path, load_items, scan_subsets
-from .errors import SpecError
-from .manifest import RunFolder
-from .spec import Axes, Defaults, PromptPair, RegSet, RenderJob
+from farm.train.dataset import data_path, load_items, scan_subsets
+from farm.errors import SpecError
+from farm.runs.manifest import RunFolder
+from farm.sweep.spec import Axes, Defaults, PromptPair, RegSet, RenderJob
 
 GENERATED = "generated:"
 
@@ -74,7 +74,7 @@ def export_kohya(run: RunFolder, reg: RegSet, class_word: str) -> Path:
 
 def planned_reg_items(name: str, reg: RegSet, base: Path):
     """Stand-ins for a set's images before they exist, so `farm plan` can do the step math."""
-    from .dataset import ImageItem, Subset
+    from farm.train.dataset import ImageItem, Subset
 
     prompts, class_word = reg_prompts(reg, base)
     subset = Subset(image_dir=f"{GENERATED}{name}/{reg.repeats}_{class_word}", num_repeats=reg.repeats,
@@ -88,7 +88,7 @@ def generate_reg_sets(job, base: Path, run_root: Path, render) -> dict[str, Path
     """Render every reg set a variant uses (resuming what exists); returns set → kohya folder.
 
     `render(plan, run_folder)` renders a plan (the dispatcher's `run_plan`, with the CLI's options)."""
-    from .plan import plan_job
+    from farm.sweep.plan import plan_job
 
     used = {o.reg_data_dir[len(GENERATED):] for o in job.runs().values()
             if (o.reg_data_dir or "").startswith(GENERATED)}

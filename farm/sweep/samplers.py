@@ -1,5 +1,5 @@
 """Sampler names as users type them in A1111 and ComfyUI → one `Sampler` record. No torch here
-(specs validate sampler names without loading it); `farm.sampling` runs the record.
+(specs validate sampler names without loading it); `farm.render.sampling` runs the record.
 
 ComfyUI names a sampler plus a scheduler ("dpmpp_2m_sde" + "karras", often written
 "dpmpp_2m_sde_karras"); A1111 a display name plus a schedule type ("DPM++ 2M SDE" + "Karras", or
@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
-from .errors import SamplerError
+from farm.errors import SamplerError
 
 SCHEDULES = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta")
 

@@ -1,7 +1,7 @@
 """Render tasks on one device: a hot pipeline plus its adapter cache. No Ray in here.
 
 The pipeline supplies the modules (text encoders, UNet, VAE); the sampling around them is
-ComfyUI's and A1111's, not diffusers' (`farm.sampling`, `farm.prompts`), so a farm image is the
+ComfyUI's and A1111's, not diffusers' (`farm.render.sampling`, `farm.render.conditioning`), so a farm image is the
 image those tools give for the same settings. One task is one sampling run with its own noise:
 batching several seeds changes pixels by ~1e-6 depending on the batch's make-up, which would make
 an image depend on its neighbours, so batches of tasks are looped, not stacked.
@@ -19,16 +19,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
-from . import __version__
-from .errors import FarmError
-from .lora import AdapterCache
-from . import memory
-from .pipeline import PipelineOptions, describe_device, enable_vae_tiling, load_planned, pick_device
-from .plan import Task
-from .pnginfo import parameters_text
-from .prompts import encode_pair
-from .samplers import resolve_sampler
-from .sampling import model_sigmas, sample
+from farm import __version__
+from farm.errors import FarmError
+from farm.render.lora import AdapterCache
+from farm.render import memory
+from farm.render.pipeline import PipelineOptions, describe_device, enable_vae_tiling, load_planned, pick_device
+from farm.sweep.plan import Task
+from farm.render.pnginfo import parameters_text
+from farm.render.conditioning import encode_pair
+from farm.sweep.samplers import resolve_sampler
+from farm.render.sampling import model_sigmas, sample
 
 
 @dataclass
