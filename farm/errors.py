@@ -2,11 +2,15 @@
 
     FarmError                 a user-facing problem: the CLI prints its one-line message, exit 2
     ├── SpecError             a job spec is malformed ("jobs/x.yaml: axes.lora[2].strength: ...")
+    ├── DatasetError          training images, captions, a kohya folder or dataset TOML cannot be used
     ├── ModelError            a model folder / checkpoint cannot be used
     ├── LoraError             a LoRA file cannot be used (only its tasks fail)
     ├── SamplerError          a sampler or schedule the farm cannot run exactly as A1111/ComfyUI do
     ├── PromptError           a prompt its emphasis syntax cannot read (A1111 fails on it too)
-    └── ManifestError         a run folder's manifest cannot be read or written
+    ├── RenderError           a render failed (only its task fails; its row says why)
+    ├── TrainError            a training run failed or cannot resume (its checkpoints so far are kept)
+    ├── ManifestError         a run folder's manifest cannot be read or written
+    └── ClusterError          no Ray cluster / Jobs API where the farm looked, or it refused the farm
 
 Anything that is not a FarmError is a bug in the farm and keeps its traceback.
 """
@@ -17,6 +21,10 @@ class FarmError(Exception):
 
 
 class SpecError(FarmError):
+    pass
+
+
+class DatasetError(FarmError):
     pass
 
 
@@ -36,7 +44,19 @@ class PromptError(FarmError):
     pass
 
 
+class RenderError(FarmError):
+    pass
+
+
+class TrainError(FarmError):
+    pass
+
+
 class ManifestError(FarmError):
+    pass
+
+
+class ClusterError(FarmError):
     pass
 
 

@@ -15,6 +15,7 @@ import stat
 from pathlib import Path
 
 from farm.errors import LoraError, ModelError
+from farm.files import replacing, write_atomic
 from farm.models.cache import farm_cache
 from farm.models.tiny import is_tiny, resolve_tiny
 
@@ -191,10 +192,7 @@ class HashCache:
     def save(self) -> None:
         if not self.dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(self.entries))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.entries).encode(), durable=False)
         self.dirty = False
 
 
@@ -232,10 +230,8 @@ def fetched_copy(sha256: str, suffix: str, size: int, read_block) -> tuple[Path,
     target = node_cache_dir() / f"{sha256}{suffix}"
     if target.is_file() and HashCache().file(target) == sha256:
         return target, False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.part")
     digest = hashlib.sha256()
-    try:
+    with replacing(target) as partial:
         with open(partial, "wb") as handle:
             offset = 0
             while offset < size:
@@ -248,7 +244,4 @@ def fetched_copy(sha256: str, suffix: str, size: int, read_block) -> tuple[Path,
         if digest.hexdigest() != sha256:
             raise LoraError(f"{sha256[:12]}{suffix}: the copy fetched from the planning node has other "
                             "bytes than the plan hashed (file changed there?); plan again")
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
     return target, True

@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 
 from farm.errors import FarmError
-from farm.models.cache import farm_cache, publish
+from farm.files import publish_folder
+from farm.models.cache import farm_cache
 
 SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -122,7 +123,7 @@ def sdxl_base_config() -> Path:
             (out / name).write_text(json.dumps(config, indent=2))
         return out
 
-    return publish(build, farm_cache() / SDXL_CONFIG)
+    return publish_folder(build, farm_cache() / SDXL_CONFIG)
 
 
 def quiet_libraries() -> None:

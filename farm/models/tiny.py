@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 from farm.errors import ModelError
-from farm.models.cache import farm_cache, publish
+from farm.files import publish_folder
+from farm.models.cache import farm_cache
 from farm.models.sdxl import SCHEDULER, quiet_libraries, write_clip_vocab
 
 TINY_MODEL = "tiny:sdxl"
@@ -86,7 +87,7 @@ def save_tiny_model(folder: Path, seed: int = 0) -> Path:
         build_tiny_pipeline(seed).save_pretrained(out, safe_serialization=True)
         return out
 
-    return publish(build, Path(folder))
+    return publish_folder(build, Path(folder))
 
 
 def tiny_lora_state_dict(name: str, rank: int = 4):
@@ -120,7 +121,7 @@ def save_tiny_lora(path: Path, name: str, rank: int = 4) -> Path:
         )
         return tmp / "lora.safetensors"
 
-    return publish(build, path)
+    return publish_folder(build, path)
 
 
 def resolve_tiny(reference: str) -> Path:
@@ -128,7 +129,7 @@ def resolve_tiny(reference: str) -> Path:
     if reference == TINY_MODEL:
         return save_tiny_model(cache_dir() / "sdxl")
     if reference == TINY_SUBJECT:
-        return publish(lambda tmp: write_tiny_dataset(tmp / "subject", images=4, repeats=2, reg_images=4),
+        return publish_folder(lambda tmp: write_tiny_dataset(tmp / "subject", images=4, repeats=2, reg_images=4),
                         cache_dir() / "subject")
     if reference.startswith(TINY_LORA_PREFIX):
         name = reference[len(TINY_LORA_PREFIX):]

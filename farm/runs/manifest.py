@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from farm import __version__
 from farm.errors import ManifestError
+from farm.files import TEMP_GLOB, write_atomic
 from farm.render.renderer import RenderResult
 
 _STR_MAP = pa.map_(pa.string(), pa.string())
@@ -87,33 +88,6 @@ TRAIN_SCHEMA = pa.schema([
 
 def image_relpath(task_id: str) -> str:
     return f"images/{task_id[:2]}/{task_id}.png"
-
-
-def write_atomic(path: Path, data: bytes, durable: bool = True, stage: str = "file") -> None:
-    """Write to a hidden temp file beside `path`, then rename: readers see all or nothing, even
-    if the writer is killed. `durable` also fsyncs first, so it survives a power cut; images skip
-    that (a lost image only means its task renders again: its row is written after it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        if durable:
-            handle.flush()
-            os.fsync(handle.fileno())
-    os.chmod(tmp, 0o644)
-    _crash_point(f"{stage}-temp")
-    os.replace(tmp, path)
-    _crash_point(f"{stage}-renamed")
-
-
-def _crash_point(point: str) -> None:
-    """SDFARM_CRASH_AT=<stage>-temp|<stage>-renamed kills this process there, as a power cut or
-    kill -9 would: the fault-injection tests prove a run survives a crash at every such point."""
-    if os.environ.get("SDFARM_CRASH_AT") == point:
-        os._exit(137)
-
-
-TEMP_GLOB = ".*.tmp"  # what write_atomic leaves behind when killed before its rename
 
 
 def result_row(result: RenderResult, image_path: str) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Callable, Iterator
 
 from farm.train.dataset import Dataset, step_math
 from farm.errors import FarmError
+from farm.files import publish_folder, replacing, write_atomic
 from farm.sweep.spec import TrainOptions
 
 STATE_DIR = "state"
@@ -521,7 +521,6 @@ class Trainer:
 
         from farm.models import kohya
         from farm.models.artifacts import sha256_file
-        from farm.runs.manifest import write_atomic
 
         path = self.out_dir / name
         if not path.is_file():  # a resumed run recomputes the same weights: keep the file renders used
@@ -555,33 +554,26 @@ class Trainer:
         meta = kohya.modelspec(lora=False, title=self.options.output_name,
                                resolution=tuple(self.dataset.buckets.resolution),
                                prediction_type=self.noise_scheduler.config.prediction_type)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(state, tmp, metadata=meta)
-        tmp.chmod(0o644)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            save_file(state, tmp, metadata=meta)
 
     def _save_model_folder(self, name: str, epoch: int, step: int, started_at: datetime) -> tuple[Path, str, Path]:
         """A full-DreamBooth checkpoint: a diffusers SDXL folder (safetensors), published by rename,
         and the same weights as one SDXL `.safetensors` beside it (`<name>.safetensors`)."""
-        import shutil
-        import tempfile
-
         from farm.models.artifacts import HashCache
 
         single = self.out_dir / f"{name}.safetensors"
         self._save_single_file(single)
         path = self.out_dir / name
-        if not path.is_dir():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.out_dir))
-            self.pipe.save_pretrained(tmp, safe_serialization=True)
-            _cast_saved_weights(tmp, self.save_dtype)
-            (tmp / "sdfarm_training.json").write_text(json.dumps(self.metadata(epoch, step, started_at), indent=1))
-            for item in [tmp, *tmp.rglob("*")]:
-                item.chmod(0o755 if item.is_dir() else 0o644)
-            try:
-                os.replace(tmp, path)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+
+        def build(tmp: Path) -> Path:
+            self.pipe.save_pretrained(tmp / name, safe_serialization=True)
+            _cast_saved_weights(tmp / name, self.save_dtype)
+            (tmp / name / "sdfarm_training.json").write_text(
+                json.dumps(self.metadata(epoch, step, started_at), indent=1))
+            return tmp / name
+
+        publish_folder(build, path)
         return path, HashCache().model(path), single
 
     def save_state(self, epoch: int, step: int, batch_in_epoch: int, started_at: datetime) -> None:
@@ -600,11 +592,8 @@ class Trainer:
         if self.train_text:
             state["text_encoder"] = get_peft_model_state_dict(self.pipe.text_encoder)
             state["text_encoder_2"] = get_peft_model_state_dict(self.pipe.text_encoder_2)
-        folder = self.out_dir / STATE_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / ".state.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, folder / "state.pt")
+        with replacing(self.out_dir / STATE_DIR / "state.pt", durable=True) as tmp:
+            torch.save(state, tmp)
 
     def load_state(self) -> dict | None:
         import torch
