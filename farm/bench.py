@@ -9,6 +9,7 @@ are noise; the ratios are the figures). Tiny model, CPU, one torch thread per wo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -109,7 +110,8 @@ def scaling(tasks: int) -> dict:
         for _ in range(2):  # alternate, best of each
             for count, pool in pools.items():
                 with tempfile.TemporaryDirectory() as out:
-                    walls[count].append(_time_call(lambda: run_plan(plan, RunFolder(out), pool=pool, quiet=True)))
+                    run = functools.partial(run_plan, plan, RunFolder(out), pool=pool, quiet=True)
+                    walls[count].append(_time_call(run))
         walls = {count: min(times) for count, times in walls.items()}
         placed = len(nodes)
     finally:
@@ -136,7 +138,7 @@ def lora_switching(groups: int) -> dict:
     renderer.render(a), renderer.render(b)
     switches = []
     for i in range(50):
-        switches.append(renderer.adapters.apply((a if i % 2 else b).loras))
+        switches.append(renderer.adapters.activate((a if i % 2 else b).loras))
     switch = statistics.median(switches)
     unfused = statistics.median(renderer.render(a).render_s for _ in range(5))
     pipe = renderer.pipe
@@ -194,32 +196,37 @@ def affinity() -> dict:
 
 
 def plan_scale(tasks: int) -> dict:
-    """Expand a `tasks`-image spec and check it against a manifest of as many rows, in a fresh
-    process so peak RSS is this work's own."""
-    code = (
-        "import time, resource, sys, tempfile\n"
-        "from pathlib import Path\n"
-        "import pyarrow as pa, pyarrow.parquet as pq\n"
+    """Expand a `tasks`-image spec and check it against a manifest that already holds every other
+    task (as a resumed run's would), in a fresh process so peak RSS is this work's own. The
+    manifest is written by another process from the same plan, outside the clock."""
+    setup = (
+        "import sys, pyarrow as pa, pyarrow.parquet as pq\n"
         "from farm.bench import _spec, _plan\n"
-        "from farm.runs.manifest import RunFolder, SCHEMA\n"
+        f"n = {tasks}\n"
+        "spec = _spec(n); spec['axes']['seed'] = list(range(n // 10))\n"
+        "ids = [t.task_id for t in _plan(spec).tasks][::2]\n"
+        "pq.write_table(pa.table({'task_id': ids, 'status': ['ok'] * len(ids)}), sys.argv[1])\n"
+    )
+    measure = (
+        "import time, resource, sys\n"
+        "import pyarrow.parquet as pq\n"
+        "from farm.bench import _spec, _plan\n"
         f"n = {tasks}\n"
         "spec = _spec(n); spec['axes']['seed'] = list(range(n // 10))\n"
         "_plan(_spec(10))\n"  # build and hash the tiny model outside the clock
-        "out = Path(tempfile.mkdtemp())\n"
-        "ids = [f'{i:024x}' for i in range(n)]\n"
-        "table = pa.table({'task_id': ids, 'status': ['ok'] * n, 'order': list(range(n))})\n"
-        "pq.write_table(table, out / 'rows.parquet')\n"
-        "del table, ids\n"
         "began = time.perf_counter()\n"
         "plan = _plan(spec)\n"
-        "done = set(pq.read_table(out / 'rows.parquet', columns=['task_id', 'status'])['task_id'].to_pylist())\n"
+        "done = set(pq.read_table(sys.argv[1], columns=['task_id', 'status'])['task_id'].to_pylist())\n"
         "left = [t for t in plan.tasks if t.task_id not in done]\n"
         "elapsed = time.perf_counter() - began\n"
         "print(elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, len(plan.tasks), len(left))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
-    if result.returncode:
-        raise RuntimeError(result.stderr[-2000:])
+    with tempfile.TemporaryDirectory() as out:
+        rows = str(Path(out) / "rows.parquet")
+        for code in (setup, measure):
+            result = subprocess.run([sys.executable, "-c", code, rows], capture_output=True, text=True, timeout=1800)
+            if result.returncode:
+                raise RuntimeError(result.stderr[-2000:])
     elapsed, peak_gb, planned, left = result.stdout.split()[-4:]
     return {"plan_1m_seconds": float(elapsed), "plan_1m_peak_gb": float(peak_gb), "plan_tasks": int(planned),
             "plan_checked_left": int(left)}
@@ -229,9 +236,9 @@ def grid_speed(images: int) -> dict:
     """`farm grid` over a run of `images` PNGs vs plain decode + paste of the same files."""
     from PIL import Image
 
-    from farm.runs.grid import make_grids
-    from farm.runs.manifest import ManifestWriter, RunFolder
     from farm.render.renderer import RenderResult, encode_png
+    from farm.runs.grid import build_pages, make_grids
+    from farm.runs.manifest import ManifestWriter, RunFolder
 
     plan = _plan({**_spec(images), "axes": {"prompt": [f"p{i}" for i in range(12)],
                                             "seed": list(range(-(-images // 12)))}})
@@ -245,6 +252,7 @@ def grid_speed(images: int) -> dict:
         began = time.perf_counter()
         make_grids(out, "seed", "prompt", cell_px=64)
         farm = time.perf_counter() - began
+        grid_cells = sum(len(page.cells) for page in build_pages(run, "seed", "prompt"))
         paths = sorted(Path(out, "images").rglob("*.png"))
         began = time.perf_counter()
         canvas = Image.new("RGB", (64 * 12, 64 * len(paths) // 12 + 64))
@@ -252,7 +260,8 @@ def grid_speed(images: int) -> dict:
             with Image.open(path) as image:
                 canvas.paste(image.convert("RGB"), (64 * (i % 12), 64 * (i // 12)))
         plain = time.perf_counter() - began
-    return {"grid_s_per_image": farm / images, "plain_s_per_image": plain / images, "grid_vs_plain": farm / plain}
+    return {"grid_s_per_image": farm / images, "plain_s_per_image": plain / images, "grid_vs_plain": farm / plain,
+            "grid_cells": grid_cells, "plain_cells": len(paths)}
 
 
 def pipelined_study() -> dict:
@@ -291,7 +300,8 @@ def pipelined_study() -> dict:
                     run_study(trains, lambda checkpoints: [], folder, quiet=True)
                     known = {}
                     for row in folder.read_checkpoints():
-                        known.setdefault(row["run"], []).append((row["epoch"], row["label"], str(folder.root / row["path"])))
+                        checkpoint = (row["epoch"], row["label"], str(folder.root / row["path"]))
+                        known.setdefault(row["run"], []).append(checkpoint)
                     from farm.sweep.plan import Plan
 
                     tasks = evaluation.replan(known)
@@ -388,8 +398,8 @@ def gpu_mode(model: str, device: str = "cuda", size: int = 1024, steps: int = 20
             save_file({k: v.contiguous() for k, v in convert_state_dict_to_kohya(state).items()}, path)
             loras.append(LoraUse(f"probe{index}", str(path), sha256_file(path), 1.0))
         cache = AdapterCache(farm)
-        cache.apply(loras[:1]), cache.apply(loras[1:])
-        switches = [cache.apply(loras[i % 2: i % 2 + 1]) for i in range(20)]
+        cache.activate(loras[:1]), cache.activate(loras[1:])
+        switches = [cache.activate(loras[i % 2: i % 2 + 1]) for i in range(20)]
     results["gpu_lora_switch_ms"] = statistics.median(switches) * 1000
     if "gpu_plain_s_per_image" in results:
         results["gpu_farm_vs_plain"] = results["gpu_farm_s_per_image"] / results["gpu_plain_s_per_image"]

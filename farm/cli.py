@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from farm.errors import FarmError, first_line
+from farm.errors import ClusterError, FarmError, UsageError, first_line
 from farm.cluster.jobqueue import DEFAULT_ADDRESS, duration
 
 # Per model call at 1 megapixel on an RTX 2060 laptop: the seed's 70 s for 20 steps of a
@@ -121,7 +121,7 @@ def cmd_run(args) -> int:
     run = RunFolder(args.out)
     info = run.load_run_info()
     if info.get("job") and info["job"] != args.job.job:
-        raise FarmError(f"{run.root}: holds job {info['job']!r}, not {args.job.job!r}; use another --out")
+        raise UsageError(f"{run.root}: holds job {info['job']!r}, not {args.job.job!r}; use another --out")
     options = _pipeline_options(args)
     training = isinstance(args.job, TrainJob)
     if training:  # check the model and every variant's data before starting anything
@@ -223,7 +223,7 @@ def cmd_pause(args) -> int:
     if pausing:
         jobqueue.job_info(args.address, args.job_id)
         if not jobqueue.control(args.address, "pause", args.job_id).get("found"):
-            raise FarmError(f"{args.job_id}: not in the pool's queue (finished, or not started yet)")
+            raise ClusterError(f"{args.job_id}: not in the pool's queue (finished, or not started yet)")
         print(f"{args.job_id}: paused; its workers go to other jobs once their current chunks finish")
         return 0
     resumed = jobqueue.resume(args.address, args.job_id)
@@ -281,11 +281,11 @@ def cmd_info(args) -> int:
     for index, image in enumerate(args.images):
         path = Path(image)
         if not path.is_file():
-            raise FarmError(f"{image}: no such image file")
+            raise UsageError(f"{image}: no such image file")
         try:
             text = read_png_parameters(path)
         except OSError as exc:
-            raise FarmError(f"{image}: not a readable image: {first_line(exc)}") from None
+            raise UsageError(f"{image}: not a readable image: {first_line(exc)}") from None
         if len(args.images) > 1:
             print(("\n" if index else "") + f"{image}:")
         print(text or "(no parameters)")
@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_pool)
 
-    p = sub.add_parser("control", help="(run on the head by pause/resume/pool)")  # runs on the head inside a control job
+    # runs on the head inside a control job
+    p = sub.add_parser("control", help="(run on the head by pause/resume/pool)")
     p.add_argument("action", choices=["pause", "resume", "pool"])
     p.add_argument("key", nargs="?", default="")
     p.set_defaults(func=cmd_control)

@@ -10,7 +10,8 @@
     ├── RenderError           a render failed (only its task fails; its row says why)
     ├── TrainError            a training run failed or cannot resume (its checkpoints so far are kept)
     ├── ManifestError         a run folder's manifest cannot be read or written
-    └── ClusterError          no Ray cluster / Jobs API where the farm looked, or it refused the farm
+    ├── ClusterError          no Ray cluster / Jobs API where the farm looked, or it refused the farm
+    └── UsageError            a command's arguments do not fit the run (an axis it lacks, a job id it never had)
 
 Anything that is not a FarmError is a bug in the farm and keeps its traceback.
 """
@@ -60,6 +61,12 @@ class ClusterError(FarmError):
     pass
 
 
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception as one line for a row, a log or the CLI (a worker's traceback stays in its log)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+class UsageError(FarmError):
+    pass
+
+
+def first_line(exc: BaseException, limit: int = 300, with_type: bool = False) -> str:
+    """An exception as one line for a row, a log or the CLI (a worker's traceback stays in its log).
+    `with_type` names the class first, for errors that are not the farm's own (`KeyError: 'x'`)."""
+    text = f"{type(exc).__name__}: {exc}" if with_type else str(exc)
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:limit]

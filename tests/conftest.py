@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # the tests' specs, LoRAs and datasets live in temp folders: let jobs read there (and the repo)
-os.environ.setdefault("SDFARM_ROOTS", os.pathsep.join([tempfile.gettempdir(), str(Path(__file__).resolve().parent.parent)]))
+os.environ.setdefault("SDFARM_ROOTS",
+                      os.pathsep.join([tempfile.gettempdir(), str(Path(__file__).resolve().parent.parent)]))
 
 
 @pytest.fixture(scope="session")
@@ -49,13 +51,19 @@ def renderer(tiny_model):
     return Renderer(PipelineOptions(device="cpu", threads=1), worker="test")
 
 
+# Every worker of the session's Ray carries this in its environment, so a test that kills workers
+# kills only this cluster's, never those of another Ray on the machine.
+RAY_WORKER_MARK = f"SDFARM_TEST_RAY={uuid.uuid4().hex}"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(farm_cache):
     """A real local Ray with two logical GPUs, as `ray start --head --num-gpus=2` declares."""
     import ray
 
+    name, value = RAY_WORKER_MARK.split("=")
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, namespace="sdfarm-tests",
-             runtime_env={"env_vars": {"SDFARM_CACHE": str(farm_cache), "HF_HUB_OFFLINE": "1"}})
+             runtime_env={"env_vars": {"SDFARM_CACHE": str(farm_cache), "HF_HUB_OFFLINE": "1", name: value}})
     yield ray
     ray.shutdown()
 

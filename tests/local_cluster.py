@@ -107,7 +107,8 @@ class LocalCluster:
         self._ray_start(["--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
                          "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                          f"--ray-client-server-port={free_ports(1)[0]}", *self._own_ports(self.metrics_port),
-                         f"--num-gpus={gpus}", f"--num-cpus={cpus}", "--disable-usage-stats"], {**self.env, **(env or {})})
+                         f"--num-gpus={gpus}", f"--num-cpus={cpus}", "--disable-usage-stats"],
+                        {**self.env, **(env or {})})
         self.nodes.append({"name": "head"})
 
     def add_node(self, gpus: int = 1, cpus: int = 1, name: str | None = None) -> dict:

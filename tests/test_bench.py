@@ -11,13 +11,15 @@ def test_affinity_switches_less_than_fifo():
 
 def test_plan_scale_measures_a_real_plan(farm_cache):
     result = plan_scale(2_000)
-    assert result["plan_tasks"] == 2_000 and result["plan_checked_left"] == 2_000
-    assert result["plan_1m_seconds"] > 0 and result["plan_1m_peak_gb"] > 0
+    # the manifest holds every other planned task: exactly the other half is left to render
+    assert result["plan_tasks"] == 2_000 and result["plan_checked_left"] == 1_000
+    assert 0 < result["plan_1m_peak_gb"] < 24
 
 
 def test_grid_speed_compares_like_with_like(farm_cache):
     result = grid_speed(24)
-    assert result["grid_s_per_image"] > 0 and result["plain_s_per_image"] > 0
+    # both sides place the same 24 images
+    assert result["grid_cells"] == result["plain_cells"] == 24
 
 
 def test_gpu_mode_code_path_on_cpu(tiny_model):

@@ -136,7 +136,8 @@ def test_driver_killed_9_mid_run_then_resumed_renders_only_what_is_missing(farm_
         assert driver.poll() is None, "the run ended before half way: make it longer"
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-        kill_marked(f"RAY_TMPDIR={ray_tmp}".encode())  # the local Ray it started dies with it, as a crash would leave it
+        # the local Ray it started dies with it, as a crash would leave it
+        kill_marked(f"RAY_TMPDIR={ray_tmp}".encode())
         committed = {r["task_id"]: r["image_sha256"] for r in pq.read_table(out / "manifest").to_pylist()}
         before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*.png")}
         assert 0 < len(committed) <= len(before) < 120

@@ -63,7 +63,8 @@ def ssh_user():
     site = venv / "lib" / "python3.11" / "site-packages"
     packages = next(Path(sys.prefix).glob("lib/python3.11/site-packages"))
     (site / "sdfarm-host.pth").write_text(f"{packages}\n{ROOT}\n")
-    (venv / "bin" / "ray").write_text(f"#!{venv}/bin/python\nimport sys\nfrom ray.scripts.scripts import main\nsys.exit(main())\n")
+    (venv / "bin" / "ray").write_text(f"#!{venv}/bin/python\nimport sys\n"
+                                      "from ray.scripts.scripts import main\nsys.exit(main())\n")
     (venv / "bin" / "ray").chmod(0o755)
     (home / ".profile").write_text(f"export PATH={venv}/bin:$PATH\n")
     run("chown", "-R", f"{USER}:{USER}", str(home))
@@ -78,7 +79,8 @@ def sshd():
     folder = Path(tempfile.mkdtemp(prefix="sdfarm-sshd-"))
     run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "host_key"))
     config = folder / "sshd_config"
-    config.write_text(f"Port 22\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\nPidFile {folder / 'sshd.pid'}\n"
+    config.write_text(f"Port 22\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\n"
+                      f"PidFile {folder / 'sshd.pid'}\n"
                       "UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin no\n"
                       f"AllowUsers {USER}\n")
     Path("/run/sshd").mkdir(exist_ok=True)

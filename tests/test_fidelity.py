@@ -116,4 +116,5 @@ def test_text_after_token_75_still_changes_the_image(renderer, tiny_model):
     """Past CLIP's 77 tokens the prompt goes on in a second chunk, as in A1111 and ComfyUI,
     instead of being cut."""
     head = " ".join(["portrait"] * 80)
-    assert not np.array_equal(_png(renderer, tiny_model, head + " red hat"), _png(renderer, tiny_model, head + " blue hat"))
+    red, blue = _png(renderer, tiny_model, head + " red hat"), _png(renderer, tiny_model, head + " blue hat")
+    assert not np.array_equal(red, blue)

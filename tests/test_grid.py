@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from farm.errors import FarmError
-from farm.runs.grid import BLANK, build_pages, make_grids, wrap, _font
+from farm.runs.grid import BLANK, Page, _blank, _font, build_pages, draw_page, make_grids, wrap
 from farm.runs.manifest import ManifestWriter, RunFolder
 from farm.sweep.plan import plan_job
 from farm.sweep.spec import parse_spec
@@ -51,13 +51,15 @@ def test_grid_png_dimensions_and_blank_cells(run_dir):
     assert first.width == CELL + 2 * CELL  # row-label column + two prompt columns
     header = first.height - 3 * CELL
     assert header > 0
-    # seed 3, lora none, prompt 1 is the task never rendered: a marked blank
-    assert first.getpixel((CELL + 5, header + CELL // 2)) == BLANK
-    # a rendered cell is not blank
-    assert first.getpixel((CELL + 5, header + CELL + CELL // 2)) != BLANK
-    # the long column label wraps onto several lines: ink appears low in the header
-    column = first.crop((2 * CELL, 0, 3 * CELL, header))
-    assert column.getbbox() is not None
+    # seed 3, lora none, prompt 1 is the task never rendered; seed 4, the last lora, prompt 2 failed
+    second = Image.open(paths[1]).convert("RGB")
+    assert first.crop((CELL, header, 2 * CELL, header + CELL)).tobytes() == _blank(CELL, "missing").tobytes()
+    assert second.crop((2 * CELL, header + 2 * CELL, 3 * CELL, header + 3 * CELL)).tobytes() == \
+        _blank(CELL, "failed").tobytes()
+    assert _blank(CELL, "failed").tobytes() != _blank(CELL, "missing").tobytes()
+    # every rendered cell holds its own image, scaled to the cell
+    rendered = first.crop((CELL, header + CELL, 2 * CELL, header + 2 * CELL))
+    assert rendered.getpixel((5, 5)) != BLANK and len(set(rendered.getdata())) > 50
     index = (run_dir / "grids" / "index.html").read_text()
     assert "lora-x-prompt-01.png" in index and "lora-x-prompt-02.png" in index
 
@@ -96,6 +98,34 @@ def test_rows_nobody_rendered_still_show_as_blanks(run_dir, tmp_path):
 def test_empty_run_folder_says_so(tmp_path):
     with pytest.raises(FarmError, match="no manifest rows yet"):
         make_grids(tmp_path, "lora", "prompt")
+
+
+def _ink_bands(image: Image.Image) -> list[tuple[int, int]]:
+    """The runs of image rows that hold dark ink: one per line of text."""
+    gray = image.convert("L")
+    inked = [min(gray.crop((0, y, gray.width, y + 1)).getdata()) < 128 for y in range(gray.height)]
+    bands, start = [], None
+    for y, ink in enumerate([*inked, False]):
+        if ink and start is None:
+            start = y
+        elif not ink and start is not None:
+            bands.append((start, y))
+            start = None
+    return bands
+
+
+def test_a_long_column_label_wraps_inside_its_column(tmp_path):
+    long = "line art drawing of a w0ut3r man, headshot, professional, sleek"
+    page = Page(title="", row_labels=["r"], col_labels=["short", long], cells={}, fixed={})
+    image = draw_page(RunFolder(tmp_path), page, CELL)
+    header = image.height - CELL
+    label_lines = len(wrap(long, _font(max(12, CELL // 10)), CELL - 8))
+    assert label_lines >= 3
+    assert len(_ink_bands(image.crop((CELL, 0, 2 * CELL, header)))) == 1
+    assert len(_ink_bands(image.crop((2 * CELL, 0, 3 * CELL, header)))) == label_lines
+    # no label spills over its column's edges
+    for x in (CELL, 2 * CELL, 3 * CELL - 1):
+        assert min(image.convert("L").crop((x, 0, x + 1, header)).getdata()) >= 128
 
 
 def test_wrap_fits_width():

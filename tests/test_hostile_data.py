@@ -318,7 +318,7 @@ def test_dataset_toml_paths_follow_the_same_policy(tmp_path_factory, monkeypatch
     }
     spec = {"job": "hostile", "model": "base.safetensors",
             "train": {"dataset_config": "dataset.toml", "max_train_epochs": 1}}
-    for name, (text, bad) in cases.items():
+    for text, bad in cases.values():
         (world.spec_dir / "dataset.toml").write_text(text)
         world.bad = [world.spec_dir / "dataset.toml"]
         code, out, err = plan(world, spec, monkeypatch)

@@ -33,7 +33,8 @@ def test_sdxl_unet_paths_map_to_sgm_block_numbers():
         "add_embedding.linear_1": "label_emb.0.0",
         "down_blocks.0.resnets.1.conv1": "input_blocks.2.0.in_layers.2",
         "down_blocks.0.downsamplers.0.conv": "input_blocks.3.0.op",
-        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q":
+            "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
         "down_blocks.1.resnets.0.conv_shortcut": "input_blocks.4.0.skip_connection",
         "down_blocks.1.downsamplers.0.conv": "input_blocks.6.0.op",
         "down_blocks.2.attentions.1.proj_in": "input_blocks.8.1.proj_in",
@@ -158,12 +159,12 @@ def test_both_key_styles_load_through_the_farms_adapter_cache(tiny_model, tmp_pa
     cache = AdapterCache(pipe)
     try:
         for peft_unet, path in ((old, old_file), (new, new_file)):
-            cache.apply([LoraUse(name=path.stem, path=str(path), sha256=sha256_file(path), strength=1.0)])
+            cache.activate([LoraUse(name=path.stem, path=str(path), sha256=sha256_file(path), strength=1.0)])
             loaded = _unet_output(pipe.unet)
             assert (_unet_output(peft_unet) - loaded).abs().max() <= 1e-5
             assert (loaded - base).abs().max() > 1e-2
     finally:
-        cache.apply([])
+        cache.activate([])
     assert (_unet_output(pipe.unet) - base).abs().max() == 0
 
 

@@ -160,7 +160,7 @@ def test_500_load_switch_unload_cycles_keep_memory_flat(renderer, reference, tmp
     try:
         for cycle in range(500):
             lora = loras[4] if cycle % 10 == 9 else loras[cycle % 4]
-            cache.apply([] if cycle % 7 == 6 else [lora])
+            cache.activate([] if cycle % 7 == 6 else [lora])
             if cycle == 49:
                 warm = process.memory_info().rss
         grown = process.memory_info().rss / warm - 1

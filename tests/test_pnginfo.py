@@ -11,7 +11,8 @@ def make_task(**changes):
                   model_sha256="f31347de70" + "0" * 54, prompt="picture of (ohwx man:1.1), anime style",
                   negative_prompt="shirtless,topless", seed=1382869474, steps=20, cfg=9.0,
                   sampler="DPM++ 2M SDE Karras", width=1024, height=1024, noise="comfyui", prompt_syntax="a1111",
-                  loras=(LoraUse("me-000030", "/l.safetensors", "4610bf5599" + "1" * 54, 0.8, "ab12cd34ef56" + "7" * 52),),
+                  loras=(LoraUse("me-000030", "/l.safetensors", "4610bf5599" + "1" * 54, 0.8,
+                                 "ab12cd34ef56" + "7" * 52),),
                   cells=((("lora", "e30"),),), order=0)
     fields.update(changes)
     return Task(**fields)

@@ -296,8 +296,12 @@ def test_default_initial_noise_is_comfyuis_cpu_draw_scaled_by_sqrt_1_plus_sigma0
 def test_a1111_noise_is_one_generator_per_image_continuing_for_ancestral_noise():
     draws = S._Draws(42, (2, 4, 8, 8), "a1111-cpu", "cpu")
     g0, g1 = torch.Generator().manual_seed(42), torch.Generator().manual_seed(43)
-    assert torch.equal(draws.first(), torch.stack([torch.randn(4, 8, 8, generator=g0), torch.randn(4, 8, 8, generator=g1)]))
-    assert torch.equal(draws.next(), torch.stack([torch.randn(4, 8, 8, generator=g0), torch.randn(4, 8, 8, generator=g1)]))
+
+    def both() -> torch.Tensor:
+        return torch.stack([torch.randn(4, 8, 8, generator=g0), torch.randn(4, 8, 8, generator=g1)])
+
+    assert torch.equal(draws.first(), both())
+    assert torch.equal(draws.next(), both())
     assert torch.equal(S.initial_noise(5, SHAPE, "a1111-gpu", "cpu"), S.initial_noise(5, SHAPE, "a1111-cpu", "cpu"))
 
 

@@ -18,6 +18,8 @@ from farm.runs.manifest import RunFolder
 from farm.sweep.spec import parse_spec
 from farm.train.study import Evaluation, Study
 from farm.models.tiny import write_tiny_dataset
+from conftest import RAY_WORKER_MARK
+from local_cluster import processes_marked
 
 
 def study_spec(tmp_path: Path, variants: dict, prompts=("photo of a man", "photo of a w0ut3r man")) -> Path:
@@ -75,17 +77,21 @@ def test_a_killed_worker_resumes_its_run_and_nothing_is_lost(ray_cluster, tmp_pa
     while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 50):
         time.sleep(0.2)
     assert log.is_file(), "training never started"
-    # Ray titles a busy worker process with its task's name: "ray::train v001", "ray::lora=v001 e1 ..."
-    system = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
-    workers = [p for p in psutil.process_iter(["cmdline"])
-               if (title := " ".join(p.info["cmdline"] or []).strip()).startswith("ray::") and title not in system]
-    assert any("train v001" in " ".join(p.info["cmdline"]) for p in workers), "no training worker found"
-    for worker in workers:  # kill -9, as the OOM killer would
-        os.kill(worker.pid, signal.SIGKILL)
+    # only this session's cluster: its workers carry the mark; Ray titles a busy worker process with
+    # its task's name ("ray::train v001", "ray::lora=v001 e1 ...")
+    ours = set(processes_marked(RAY_WORKER_MARK.encode()))
+    workers = [p for p in psutil.process_iter(["cmdline"]) if p.pid in ours
+               and " ".join(p.info["cmdline"] or []).strip().startswith("ray::")]
+    trainer = [p for p in workers if "train v001" in " ".join(p.info["cmdline"])]
+    assert trainer, "no training worker found"
+    lines_before = len(log.read_text().splitlines())  # a header, then one line a step
+    os.kill(trainer[0].pid, signal.SIGKILL)  # kill -9, as the OOM killer would
     thread.join(timeout=300)
     assert not thread.is_alive()
     folder, summary = result["folder"], result["summary"]
     rows = folder.read_checkpoints()
+    # the kill landed mid-run: the log had fewer steps than the run's 80, and the run still ended whole
+    assert lines_before < 1 + 80, "the run had finished before the kill"
     assert [r["epoch"] for r in rows] == list(range(1, 41))
     assert rows[-1]["final"] and rows[-1]["step"] == 80
     table = folder.read()
@@ -110,7 +116,8 @@ def test_full_dreambooth_runs_are_evaluated_as_models(ray_cluster, tmp_path):
     spec = study_spec(tmp_path, {"db1": {"mode": "dreambooth", "learning_rate": 1e-5}})
     folder, summary = run(tmp_path, spec)
     rows = folder.read_checkpoints()
-    assert [r["label"] for r in rows] == ["db1 epoch 1"] and (folder.root / rows[0]["path"] / "model_index.json").is_file()
+    assert [r["label"] for r in rows] == ["db1 epoch 1"]
+    assert (folder.root / rows[0]["path"] / "model_index.json").is_file()
     table = folder.read().to_pylist()
     assert summary.ok == 2 and {dict(r["axes"])["model"] for r in table} == {"db1 epoch 1"}
     assert all(r["model_sha256"] == rows[0]["sha256"] for r in table)

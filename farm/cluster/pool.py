@@ -1,5 +1,7 @@
 """Who may use which worker: a private pool for one run, or the cluster's shared warm pool.
 
+Both are a `WorkerPool`, the one contract the dispatch driver uses.
+
 The shared pool is one detached `PoolKeeper` actor (named `sdfarm-pool`) that keeps one
 long-lived, named worker per GPU of every live node (growing when nodes join, forgetting workers
 of nodes that left) and lends them to job drivers. Every job's driver asks for as many workers as
@@ -19,16 +21,21 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import ray
+from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from farm.cluster.actors import NAMESPACE, artifact_source, start_pool_worker, start_workers
-from farm.models.artifacts import shared_roots
-from farm.errors import FarmError
+from farm.cluster.actors import Source, artifact_source, start_pool_worker, start_workers
+from farm.cluster.connect import NAMESPACE
 from farm.cluster.jobqueue import print_progress
+from farm.errors import ClusterError
+from farm.models.artifacts import shared_roots
 from farm.render.pipeline import PipelineOptions
+from farm.sweep.plan import Task
 
 POOL_NAME = "sdfarm-pool"
 LEASE_S = 5.0
@@ -40,7 +47,9 @@ PRINT_S = 10.0
 
 @dataclass
 class _Job:
-    key: str
+    """A job's driver as the keeper sees it: its place in the queue, what it waits for, its leases."""
+
+    key: str  # a submitted job's submission id, else "job name@run folder"
     priority: int
     seq: int
     want: int = 0
@@ -258,6 +267,7 @@ class PoolKeeper:
 
 
 def head_node_id() -> str:
+    """The head node outlives every job, so the keeper lives there."""
     return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
 
 
@@ -270,63 +280,145 @@ def pool_keeper(options: PipelineOptions = PipelineOptions()):
     ).remote(options)
 
 
+class WorkerPool(Protocol):
+    """Which workers one job's driver may use, and when: the contract `dispatch` drives.
+
+    A worker is known by a key (an index in a private pool, an actor name in the shared one) that
+    stays the same when Ray or the pool replaces the process behind it. The driver calls `sync`,
+    then fills every `usable` worker, then waits on its results together with `waitables`.
+    """
+
+    @property
+    def handles(self) -> dict[Any, ActorHandle]:
+        """Worker key → actor handle, for every worker the job holds now (usable or not)."""
+        ...
+
+    @property
+    def tick(self) -> float | None:
+        """Longest wait for a result, in seconds, before the driver calls `sync` again; None:
+        nothing changes in the pool meanwhile, so wait for a result however long it takes."""
+        ...
+
+    @property
+    def recycles(self) -> bool:
+        """Whether `recycle` may be called (only workers the pool may replace are recycled)."""
+        ...
+
+    def usable(self) -> list:
+        """Keys of the workers the job may send work to now: not blocked, leased, not being replaced."""
+        ...
+
+    def want(self, count: int) -> None:
+        """The job could keep `count` more workers busy (0 or less: none); a lending pool asks for them."""
+        ...
+
+    def waitables(self) -> list:
+        """Object refs the pool awaits; the driver waits on them beside its results and passes
+        each ready one to `on_ready`, so a grant or renewal is seen as soon as it arrives."""
+        ...
+
+    def on_ready(self, ref) -> None:
+        """One of `waitables()` is ready: take its answer."""
+        ...
+
+    def sync(self, load: dict, progress: dict) -> None:
+        """Once per turn of the driver's loop, with the chunks in flight per worker key and the job's
+        progress: renew or give back leases (never a worker with chunks in flight), report progress."""
+        ...
+
+    def offer(self, chunk: list[Task]) -> None:
+        """`chunk` is about to be sent: make its LoRA files reachable from every worker (see `source`)."""
+        ...
+
+    def source(self) -> Source | None:
+        """Where workers fetch the files offered so far, with the job's pipeline options; None:
+        workers read the planned paths and keep the options they were started with."""
+        ...
+
+    def can_train(self, key: Hashable) -> bool:
+        """Whether a training run may go to this worker (its dataset and output folder are there)."""
+        ...
+
+    def pin(self, key: Hashable, pinned: bool) -> None:
+        """Keep the worker for this job however long a training run on it takes (False: that run ended)."""
+        ...
+
+    def recycle(self, key: Hashable) -> None:
+        """Replace the worker by a fresh process (memory that grew anyway goes with the old one)."""
+        ...
+
+    def lost(self, key: Hashable) -> None:
+        """The worker died or its node left while it had work of this job."""
+        ...
+
+    def block(self, key: Hashable) -> None:
+        """The job sends this worker no more tasks (it failed too many of them)."""
+        ...
+
+    def all_blocked(self) -> bool:
+        """Every worker the job could ever be given is blocked: the driver fails what is left
+        instead of waiting for a worker that will not come."""
+        ...
+
+    def close(self) -> None:
+        """The job is done: stop the workers the pool started, or give them back."""
+        ...
+
+
 class PrivatePool:
-    """Workers of one run (started for it, or handed in by the caller), always all usable."""
+    """A WorkerPool of one run's own workers (started for it, or handed in by the caller), all
+    usable until blocked."""
 
     tick = None
 
-    def __init__(self, workers: list, owned: bool):
+    def __init__(self, workers: list, owned: bool, options: PipelineOptions | None = None, use_gpus: bool = False):
         self.handles = dict(enumerate(workers))
-        self.owned = owned
+        self.owned = owned  # started here, so stopped (and recycled) here
+        self.options, self.use_gpus = options, use_gpus  # how to start a replacement
         self.blocked: set = set()
 
     @classmethod
-    def start(cls, count: int, options: PipelineOptions, use_gpus: bool) -> "PrivatePool":
-        pool = cls(start_workers(count, options, use_gpus), owned=True)
-        pool.options, pool.use_gpus = options, use_gpus
-        return pool
+    def start(cls, count: int, options: PipelineOptions, use_gpus: bool) -> PrivatePool:
+        return cls(start_workers(count, options, use_gpus), owned=True, options=options, use_gpus=use_gpus)
 
     @property
     def recycles(self) -> bool:
         """Only workers this pool started are replaced (`recycle`)."""
         return self.owned
 
-    def recycle(self, key) -> None:
-        """Replace a worker by a fresh process (memory that grew anyway goes with the old one)."""
+    def recycle(self, key: int) -> None:
         ray.kill(self.handles[key])
         self.handles[key] = start_workers(1, self.options, self.use_gpus)[0]
 
-    def usable(self) -> list:
+    def usable(self) -> list[int]:
         return [key for key in self.handles if key not in self.blocked]
 
-    def block(self, key) -> bool:
-        """This job sends `key` no more tasks."""
+    def block(self, key: int) -> None:
         self.blocked.add(key)
-        return True
 
     def all_blocked(self) -> bool:
         return self.blocked >= set(self.handles)
 
-    def want(self, count: int) -> None: ...
+    def want(self, count: int) -> None: ...  # every worker it will ever have is here already
 
     def waitables(self) -> list:
         return []
 
     def on_ready(self, ref) -> None: ...
 
-    def sync(self, load: dict, progress: dict) -> None: ...
+    def sync(self, load: dict, progress: dict) -> None: ...  # no leases; progress shows in the bar
 
-    def offer(self, chunk) -> None: ...
+    def offer(self, chunk: list[Task]) -> None: ...
 
-    def source(self):
-        return None
+    def source(self) -> Source | None:
+        return None  # a private run renders where it was planned (or the nodes share folders)
 
-    def can_train(self, name) -> bool:
+    def can_train(self, key: int) -> bool:
         return True
 
-    def pin(self, name, pinned: bool) -> None: ...
+    def pin(self, key: int, pinned: bool) -> None: ...
 
-    def lost(self, name) -> None: ...
+    def lost(self, key: int) -> None: ...  # Ray restarts the actor behind the same handle
 
     def close(self) -> None:
         for worker in self.handles.values() if self.owned else []:
@@ -334,9 +426,10 @@ class PrivatePool:
 
 
 class SharedPool:
-    """This driver's leases on the shared pool's workers."""
+    """A WorkerPool of this driver's leases on the shared pool's workers."""
 
     tick = 1.0  # seconds between lease checks while waiting for results
+    recycles = True  # the keeper replaces any worker it lent
 
     def __init__(self, key: str, priority: int, options: PipelineOptions):
         self.key, self.priority = key, priority
@@ -365,11 +458,10 @@ class SharedPool:
         return [name for name in self.handles if name not in self.blocked and name not in self.recycling.values()
                 and (name in self.pinned or self.deadline[name] > now)]
 
-    def block(self, name: str) -> bool:
-        """This job takes no more tasks to `name`: its lease runs out and it is not asked for again."""
+    def block(self, name: str) -> None:
+        """Its lease runs out, and the keeper never lends it to this job again."""
         self.blocked.add(name)
         self.keeper.block.remote(self.key, name)
-        return True
 
     def all_blocked(self) -> bool:
         """Every worker of the cluster failed too many of this job's tasks (a node that joins
@@ -430,16 +522,14 @@ class SharedPool:
             print_progress(progress)
             self.printed = now
 
-    def source(self):
+    def source(self) -> Source | None:
         return self._source
-
-    recycles = True
 
     def recycle(self, name: str) -> None:
         """Have the keeper replace this worker by a fresh process; it takes no work meanwhile."""
         self.recycling[self.keeper.recycle.remote(self.key, name)] = name
 
-    def offer(self, chunk) -> None:
+    def offer(self, chunk: list[Task]) -> None:
         """Let workers on other nodes fetch this chunk's LoRAs from this node."""
         files = {lora.sha256: lora.path for task in chunk for lora in task.loras if lora.sha256 not in self.offered}
         if files or self._source is None:
@@ -457,6 +547,7 @@ class SharedPool:
         self.keeper.pin.remote(self.key, name, pinned)
 
     def lost(self, name: str) -> None:
+        """Let it go; the keeper lends it again once Ray has restarted it (or started it anew)."""
         self.handles.pop(name, None)
         self.deadline.pop(name, None)
         self.pinned.discard(name)
@@ -466,12 +557,12 @@ class SharedPool:
         """Fail before rendering when no node has a base model (they are never shipped per task)."""
         lacking = ray.get(self.keeper.missing.remote(sorted(set(paths))))
         if not lacking:
-            raise FarmError("the cluster has no GPU nodes (start nodes with `ray start --num-gpus N`)")
+            raise ClusterError("the cluster has no GPU nodes (start nodes with `ray start --num-gpus N`)")
         for path in sorted(set(paths)):
             without = [node[:8] for node, missing in lacking.items() if path in missing]
             if len(without) == len(lacking):
-                raise FarmError(f"{path}: model is on none of the cluster's nodes ({', '.join(without)}); "
-                                "put it at that path on the nodes that should render it")
+                raise ClusterError(f"{path}: model is on none of the cluster's nodes ({', '.join(without)}); "
+                                   "put it at that path on the nodes that should render it")
             if without:
                 print(f"farm: warning: nodes {', '.join(without)} lack {path}; its tasks fail there",
                       file=sys.stderr)
@@ -494,4 +585,4 @@ def run_control(action: str, key: str) -> dict:
         return {"found": ray.get(keeper.pause.remote(key, action == "pause"))}
     if action == "pool":
         return ray.get(keeper.status.remote())
-    raise FarmError(f"farm control: unknown action {action!r}")
+    raise ClusterError(f"farm control: unknown action {action!r}")

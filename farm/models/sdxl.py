@@ -13,7 +13,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from farm.errors import FarmError
+from farm.errors import ModelError
 from farm.files import publish_folder
 from farm.models.cache import farm_cache
 
@@ -38,13 +38,13 @@ def clip_bpe_path() -> Path:
     """CLIP's BPE merges as shipped inside the open-clip-torch wheel (found without importing it)."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise FarmError(
+        raise ModelError(
             "the tiny model needs CLIP's vocabulary from the open-clip-torch package: "
             "pip install --no-deps open-clip-torch"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
     if not path.is_file():
-        raise FarmError(f"{path}: CLIP vocabulary file missing from open-clip-torch")
+        raise ModelError(f"{path}: CLIP vocabulary file missing from open-clip-torch")
     return path
 
 

@@ -64,7 +64,7 @@ class AdapterCache:
         self.enabled = True  # diffusers' LoRA layers start enabled
         self.loads = 0  # disk loads, for the benchmark and tests
 
-    def apply(self, loras: Sequence[LoraUse]) -> float:
+    def activate(self, loras: Sequence[LoraUse]) -> float:
         """Make exactly `loras` active at their strengths; returns the seconds it took (0.0: no change)."""
         wanted = tuple((adapter_name(lora), lora.strength) for lora in loras)
         if wanted == self.active:

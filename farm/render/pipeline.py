@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from farm.errors import ModelError
+from farm.errors import ModelError, first_line
 from farm.models.sdxl import quiet_libraries
 
 
@@ -22,7 +22,6 @@ class PipelineOptions:
     device: str | None = None  # None: cuda if there is one, else cpu
     dtype: str = "auto"  # auto: fp16 on cuda, fp32 on cpu; or fp32 / fp16 / bf16
     vae_tiling: bool = False  # decode in tiles whatever the plan says: large images on small GPUs
-    vae_slicing: bool = False
     cpu_offload: str = "none"  # the least offload: none | model | sequential; the memory plan may go
     # further when the model would not fit the free VRAM (see farm.render.memory)
     threads: int | None = None  # torch CPU threads; one per actor beats sharing cores
@@ -92,8 +91,6 @@ def load_planned(path: str | Path, options: PipelineOptions = PipelineOptions())
     plan = memory.plan_render(free, sizes, wanted)
     pipe = _read(path, options, dtype)
     pipe.set_progress_bar_config(disable=True)
-    if options.vae_slicing:
-        pipe.vae.enable_slicing()
     notes = [plan.describe()]
     while True:
         try:
@@ -152,8 +149,7 @@ def _read(path: Path, options: PipelineOptions, dtype):
         return StableDiffusionXLPipeline.from_single_file(
             str(path), dtype=dtype, local_files_only=True, config=config, **extra)
     except Exception as exc:  # diffusers/transformers raise many types for a file that is not SDXL
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: cannot load as SDXL: {first_line}") from None
+        raise ModelError(f"{path}: cannot load as SDXL: {first_line(exc)}") from None
 
 
 def _second_text_encoder(path: Path, config: str, dtype) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from farm import __version__
-from farm.errors import FarmError
+from farm.errors import FarmError, RenderError, first_line
 from farm.render.lora import AdapterCache
 from farm.render import memory
 from farm.render.pipeline import PipelineOptions, describe_device, enable_vae_tiling, load_planned, pick_device
@@ -224,7 +224,7 @@ class Renderer:
         try:
             self._restore_state()
             self._ensure_model(task)
-            result.lora_switch_s = self.adapters.apply(task.loras)
+            result.lora_switch_s = self.adapters.activate(task.loras)
             sampler = resolve_sampler(task.sampler)
             result.scheduler = sampler.describe()
             began = time.perf_counter()
@@ -234,9 +234,9 @@ class Renderer:
             result.image_sha256 = hashlib.sha256(result.png).hexdigest()
             result.status = "ok"
         except FarmError as exc:  # the task's own problem (a damaged file, a black image): final
-            result.error = str(exc)
+            result.error = first_line(exc, 500)
         except Exception as exc:  # one bad task must not take the actor down with it
-            result.error = (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0][:500]
+            result.error = first_line(exc, 500, with_type=True)
             result.retryable = True  # may be this worker's problem: the dispatcher tries another
         result.notes, self.notes = "; ".join(self.notes), []
         result.finished_at = datetime.now(timezone.utc)
@@ -259,13 +259,13 @@ class Renderer:
                 image = self._run(task, sampler)
             except torch.cuda.OutOfMemoryError:
                 if not self._lower_memory():
-                    raise FarmError(f"out of GPU memory at {task.width}x{task.height} even with VAE tiling and "
+                    raise RenderError(f"out of GPU memory at {task.width}x{task.height} even with VAE tiling and "
                                     "sequential CPU offload; render smaller") from None
                 continue
             if not is_black(image):
                 return image
             if self.vae_upcast:
-                raise FarmError("black image twice, the second time with the VAE in fp32 (NaN in the model?)")
+                raise RenderError("black image twice, the second time with the VAE in fp32 (NaN in the model?)")
             self._upcast_vae()
 
     def _lower_memory(self) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from farm.errors import FarmError
+from farm.errors import ManifestError, UsageError
 from farm.runs.manifest import RunFolder
 
 _TITLE_FIELDS = [("model", "Model"), ("sampler", "Sampler"), ("steps", "Steps"), ("cfg", "CFG"),
@@ -108,19 +108,19 @@ def _fixed_settings(cells: list[Cell]) -> dict[str, str]:
 def build_pages(run: RunFolder, rows_axis: str, cols_axis: str, pages_axis: list[str] | None = None) -> list[Page]:
     table = run.read()
     if table.num_rows == 0:
-        raise FarmError(f"{run.root}: no manifest rows yet (run the job first)")
+        raise ManifestError(f"{run.root}: no manifest rows yet (run the job first)")
     cells = _cells(table)
     planned = run.load_run_info().get("axes", {})
     axes = list(dict.fromkeys(axis for cell in cells for axis in cell.labels))
     for option, axis in (("--rows", rows_axis), ("--cols", cols_axis), *(("--pages", p) for p in pages_axis or [])):
         if axis not in axes:
-            raise FarmError(f"{option} {axis}: not an axis of this run (axes: {', '.join(axes) or 'none'})")
+            raise UsageError(f"{option} {axis}: not an axis of this run (axes: {', '.join(axes) or 'none'})")
     if rows_axis == cols_axis:
-        raise FarmError("--rows and --cols must be different axes")
+        raise UsageError("--rows and --cols must be different axes")
     wanted = {rows_axis, cols_axis, *(pages_axis or [])}
     cells = [c for c in cells if wanted <= c.labels.keys()]  # tables (sweeps) without these axes
     if not cells:
-        raise FarmError(f"no table of this run has both {rows_axis} and {cols_axis}")
+        raise UsageError(f"no table of this run has both {rows_axis} and {cols_axis}")
     axes = list(dict.fromkeys(axis for cell in cells for axis in cell.labels))
     for cell in cells:  # an axis only some tables have: the others show as "-" on it
         for axis in axes:
