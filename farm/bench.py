@@ -326,6 +326,7 @@ def gpu_mode(model: str, device: str = "cuda", size: int = 1024, steps: int = 20
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    from farm.models import kohya
     from farm.models.artifacts import sha256_file
     from farm.render.lora import AdapterCache
     from farm.render.pipeline import PipelineOptions, load_pipeline
@@ -389,8 +390,8 @@ def gpu_mode(model: str, device: str = "cuda", size: int = 1024, steps: int = 20
     loras = []
     with tempfile.TemporaryDirectory() as folder:
         for index in range(2):
-            farm.unet.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
-                                  adapter_name=f"probe{index}")
+            config = LoraConfig(r=8, lora_alpha=8, target_modules=list(kohya.ATTENTION_LORA_TARGETS))
+            farm.unet.add_adapter(config, adapter_name=f"probe{index}")
             state = {f"unet.{k}": v.detach().clone().normal_(0, 0.01)
                      for k, v in get_peft_model_state_dict(farm.unet, adapter_name=f"probe{index}").items()}
             farm.unet.delete_adapters(f"probe{index}")

@@ -109,7 +109,8 @@ def _open_shared_pool(args, options):
 
 
 def cmd_run(args) -> int:
-    from farm.cluster.dispatch import connect, run_plan, run_study
+    from farm.cluster.connect import connect
+    from farm.cluster.dispatch import run_plan, run_study
     from farm.runs.manifest import RunFolder
     from farm.sweep.plan import plan_job
     from farm.cluster.jobqueue import print_progress

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from farm.train.dataset import Buckets, Dataset, load_dataset_toml, load_items, scan_subsets, step_math
-from farm.errors import SpecError
+from farm.errors import DatasetError
 
 
 def make_folder(folder: Path, count: int, size=(64, 64), captions: dict | None = None) -> Path:
@@ -42,9 +42,9 @@ def test_kohya_folder_names_and_caption_fallback(tmp_path):
 
 def test_bad_folder_name_is_a_clear_error(tmp_path):
     make_folder(tmp_path / "img" / "w0ut3r man", 1)
-    with pytest.raises(SpecError, match=r"w0ut3r man: kohya folders are named '<repeats>_<token> <class>'"):
+    with pytest.raises(DatasetError, match=r"w0ut3r man: kohya folders are named '<repeats>_<token> <class>'"):
         scan_subsets(tmp_path / "img", False)
-    with pytest.raises(SpecError, match="image folder not found"):
+    with pytest.raises(DatasetError, match="image folder not found"):
         scan_subsets(tmp_path / "nope", False)
 
 
@@ -124,5 +124,5 @@ def test_dataset_toml(tmp_path):
     items = load_items(subsets)
     assert "ohwx man, smiling" in {i.caption for i in items}  # kohya's TOML default extension: .caption
     (tmp_path / "bad.toml").write_text('[[datasets]]\nflip_aug = true\n')
-    with pytest.raises(SpecError, match=r"bad.toml: datasets.flip_aug: not supported"):
+    with pytest.raises(DatasetError, match=r"bad.toml: datasets.flip_aug: not supported"):
         load_dataset_toml(tmp_path / "bad.toml")

@@ -3,8 +3,8 @@ import shutil
 import pytest
 
 from farm.errors import SpecError
-from farm.sweep.plan import plan_job
-from farm.sweep.spec import parse_spec
+from farm.sweep.plan import AXIS_HANDLERS, plan_job
+from farm.sweep.spec import Axes, parse_spec
 
 
 def plan_of(data, folder, seeds=None):
@@ -177,3 +177,38 @@ def test_dotted_kohya_names_keep_their_dots(lora_dir, tiny_model, tmp_path):
     data["axes"] = {"seed": [1]}
     tagged = plan_of(data, tmp_path).tasks[0]
     assert [(l.name, l.strength) for l in tagged.loras] == [("wouter_xl_1.0_v002-000001", 0.5)]
+
+
+def test_every_axis_of_the_spec_has_a_handler():
+    """Adding an axis to the spec is adding its handler to the plan; `replace` names its own axes."""
+    assert set(AXIS_HANDLERS) == set(Axes.model_fields) - {"replace"}
+
+
+def test_a_prompt_value_sets_only_its_own_cells(lora_dir, tiny_model):
+    """Settings of an outer axis value are shared by the cells inside it, and never leak to the next value."""
+    data = study(lora_dir)
+    data["defaults"]["negative"] = "blurry"
+    data["axes"] = {"prompt": [{"positive": "a", "negative": "ugly"}, "b"], "seed": [1, 2], "cfg": [5, 6.5]}
+    plan = plan_of(data, lora_dir)
+    assert [(t.prompt, t.negative_prompt, t.seed, t.cfg) for t in plan.tasks] == [
+        ("a", "ugly", 1, 5.0), ("a", "ugly", 1, 6.5), ("a", "ugly", 2, 5.0), ("a", "ugly", 2, 6.5),
+        ("b", "blurry", 1, 5.0), ("b", "blurry", 1, 6.5), ("b", "blurry", 2, 5.0), ("b", "blurry", 2, 6.5)]
+    assert [dict(t.cells[0]) for t in plan.tasks[:2]] == [{"prompt": "a", "seed": "1", "cfg": "5"},
+                                                          {"prompt": "a", "seed": "1", "cfg": "6.5"}]
+
+
+def test_lora_tag_strength_is_checked_where_the_spec_cannot_see_it(lora_dir, tiny_model):
+    """The spec checks the strengths it holds (axes, defaults); a `<lora:...>` tag's is checked at plan
+    time, since `replace` values and styles make tags the spec never sees."""
+    data = study(lora_dir)
+    data["defaults"]["prompt"] = "photo of a w0ut3r man <lora:subject-000001:2.5>"
+    data["axes"] = {}
+    with pytest.raises(SpecError, match=r"^job.yaml: prompt: <lora:subject-000001:2.5>: strength must be "
+                                        r"between 0 and 2$"):
+        plan_of(data, lora_dir)
+    data["defaults"]["prompt"] = "photo of a w0ut3r man <lora:subject-000001:1>"
+    data["axes"] = {"replace": {"weight": [":1", ":2", ":3"]}}
+    with pytest.raises(SpecError, match=r"prompt: <lora:subject-000001:3>: strength must be between 0 and 2"):
+        plan_of(data, lora_dir)
+    data["axes"]["replace"]["weight"] = [":1", ":0", ":2"]
+    assert sorted(t.loras[0].strength for t in plan_of(data, lora_dir).tasks) == [0.0, 1.0, 2.0]

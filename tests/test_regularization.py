@@ -25,11 +25,11 @@ def test_prompts_come_from_captions_without_the_token(tmp_path):
 
 
 def test_a_folder_naming_no_class_word_is_a_one_line_error(tmp_path):
-    from farm.errors import SpecError
+    from farm.errors import DatasetError
 
     write_tiny_dataset(tmp_path, images=1, repeats=1)
     (tmp_path / "img" / "1_w0ut3r man").rename(tmp_path / "img" / "1_ ")
-    with pytest.raises(SpecError, match="names no class word; set class_word"):
+    with pytest.raises(DatasetError, match="names no class word; set class_word"):
         reg_prompts(RegSet(from_captions="img"), tmp_path)
 
 

@@ -77,7 +77,8 @@ def test_fold_spellings():
 @pytest.mark.parametrize("name", ["uni_pc", "uni_pc_bh2", "UniPC", "deis", "plms", "PLMS", "dpm_fast",
                                   "DPM adaptive", "dpm_adaptive", "Restart", "uni_pc_karras", "ipndm"])
 def test_samplers_we_cannot_run_exactly_are_refused(name):
-    with pytest.raises(SamplerError, match=re.escape(f"sampler '{name}' is not supported: ") + ".+; known: .*euler") as info:
+    expected = re.escape(f"sampler '{name}' is not supported: ") + ".+; known: .*euler"
+    with pytest.raises(SamplerError, match=expected) as info:
         resolve_sampler(name)
     assert "\n" not in str(info.value)
 
@@ -114,5 +115,6 @@ def test_every_known_name_and_schedule_resolves_and_a1111_names_round_trip():
 
 def test_sampler_names_are_checked_without_torch():
     """Specs validate sampler names; that must not import torch."""
-    code = "import sys, farm.sweep.samplers as s; s.resolve_sampler('DPM++ 2M Karras'); assert 'torch' not in sys.modules"
+    code = ("import sys, farm.sweep.samplers as s; s.resolve_sampler('DPM++ 2M Karras'); "
+            "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

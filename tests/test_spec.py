@@ -38,10 +38,14 @@ def test_unknown_keys_are_rejected_at_every_level():
 @pytest.mark.parametrize("data, expected", [
     ({**BASE, "axes": {"size": ["1024x1024", "big"]}}, "axes.size[1]: 'big' is not WIDTHxHEIGHT"),
     ({**BASE, "defaults": {"prompt": "a", "width": 1020}}, "defaults.width: must be a multiple of 8"),
-    ({**BASE, "axes": {"sampler": ["euler", "dpm_fast"]}}, "axes.sampler[1]: sampler 'dpm_fast' is not supported: DPM fast ignores the schedule"),
+    ({**BASE, "axes": {"sampler": ["euler", "dpm_fast"]}},
+     "axes.sampler[1]: sampler 'dpm_fast' is not supported: DPM fast ignores the schedule"),
     ({**BASE, "axes": {"sampler": ["eulr"]}}, "axes.sampler[0]: unknown sampler 'eulr'"),
     ({**BASE, "axes": {"seed": [1, -2]}}, "axes.seed[1]: must be -1"),
     ({**BASE, "axes": {"strength": [0.5]}}, "axes.strength sets a LoRA's strength"),
+    ({**BASE, "axes": {"lora": ["a"], "strength": [0.5, 2.5]}}, "axes.strength[1]: must be between 0 and 2"),
+    ({**BASE, "defaults": {"prompt": "a", "lora": {"file": "a", "strength": -0.5}}},
+     "defaults.lora.strength: must be between 0 and 2"),
     ({**BASE, "axes": {"seed": [1, 2], "cfg": [5]}, "zip": [["seed", "cfg"]]}, "same number of values"),
     ({**BASE, "zip": [["seed"]]}, "zip: 'seed' is not an axis"),
     ({**BASE, "axes": {"replace": {"seed": ["a", "b"]}}}, "'seed' is a built-in axis"),
@@ -98,8 +102,10 @@ _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.
 _VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_KEYS, inner, max_size=4),
                        max_leaves=24)
 _SPECS = st.fixed_dictionaries(
-    {"job": st.sampled_from(["fuzz", "../up", "a/b", "", "ok.1"]), "model": st.sampled_from(["tiny:sdxl", "x.ckpt", "../m"])},
-    optional={"defaults": st.dictionaries(_KEYS, _VALUES, max_size=6), "axes": st.dictionaries(_KEYS, _VALUES, max_size=4),
+    {"job": st.sampled_from(["fuzz", "../up", "a/b", "", "ok.1"]),
+     "model": st.sampled_from(["tiny:sdxl", "x.ckpt", "../m"])},
+    optional={"defaults": st.dictionaries(_KEYS, _VALUES, max_size=6),
+              "axes": st.dictionaries(_KEYS, _VALUES, max_size=4),
               "zip": _VALUES, "sweeps": _VALUES, "train": _VALUES, "variants": _VALUES, "styles": _SCALARS})
 
 

@@ -14,7 +14,8 @@ from farm.train.dataset import dataset_for
 from farm.sweep.plan import plan_job
 from farm.sweep.spec import TrainOptions, parse_spec
 from farm.models.tiny import write_tiny_dataset
-from farm.train.trainer import Trainer, checkpoint_name
+from farm.train.checkpoints import checkpoint_name
+from farm.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,8 @@ def test_saved_lora_loads_in_diffusers_as_trained(data_root, tiny_model, tmp_pat
     generator = torch.Generator().manual_seed(3)
     inputs = (torch.randn(1, 4, 8, 8, generator=generator), torch.tensor([400]),
               torch.randn(1, 5, 64, generator=generator))
-    added = {"text_embeds": torch.randn(1, 32, generator=generator), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    added = {"text_embeds": torch.randn(1, 32, generator=generator),
+             "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
     fresh = StableDiffusionXLPipeline.from_pretrained(tiny_model, local_files_only=True)
     with torch.no_grad():
         base = fresh.unet(*inputs, added_cond_kwargs=added).sample

@@ -1,3 +1,3 @@
-"""The only layer that imports Ray: connecting, the dispatch driver, worker pools, the job queue,
-GPU-pinned actors and metrics.
+"""Everything that touches Ray (with the cli and bench entry points): connecting and auth, the
+dispatch driver, worker pools, the job queue, GPU-pinned actors and metrics.
 """

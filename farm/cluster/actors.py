@@ -18,19 +18,22 @@ import os
 import platform
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from farm.models.artifacts import fetched_copy, is_shared
-from farm.errors import LoraError
+from farm.cluster.connect import NAMESPACE
 from farm.cluster.metrics import record_render, record_train_step
+from farm.errors import LoraError
+from farm.models.artifacts import fetched_copy, is_shared
 from farm.render.pipeline import PipelineOptions
-from farm.sweep.plan import LoraUse, Task
 from farm.render.renderer import Renderer, RenderResult
+from farm.sweep.plan import LoraUse, Task
 
-NAMESPACE = "sdfarm"
+if TYPE_CHECKING:  # the trainer is imported only by a worker that trains
+    from farm.train.trainer import Checkpoint, TrainRun
+
 # Ray restarts a killed worker (OOM killer, kill -9, a driver crash) this many times; the
 # dispatcher requeues what it had in flight, and fails a task only when it keeps killing workers
 RESTARTS = 20
@@ -115,16 +118,16 @@ class GpuWorker:
         self.counters["fetched"] += fetched
         return path
 
-    def train(self, job) -> Iterator:
-        """Run one training run (a `train.TrainRun`), yielding each Checkpoint as it is saved."""
+    def train(self, run: TrainRun) -> Iterator[Checkpoint]:
+        """Train one run, yielding each Checkpoint as it is saved."""
         from farm.render.memory import release
         from farm.train.trainer import train_run
 
         self._retire_renderer()
         self.renderer = self._new_renderer()  # drop the render pipeline first
-        on_step = lambda step, loss, seconds: record_train_step(job.run, self.node, loss, seconds)  # noqa: E731
+        on_step = lambda step, loss, seconds: record_train_step(run.run, self.node, loss, seconds)  # noqa: E731
         try:
-            for checkpoint in train_run(job, self.options.device, on_step=on_step, pipeline=self.options):
+            for checkpoint in train_run(run, self.options.device, on_step=on_step, pipeline=self.options):
                 yield replace(checkpoint, node=self.node)
         finally:
             release()

@@ -1,5 +1,5 @@
-"""The queue: send a plan's tasks (and training runs) to the workers, collect results as they
-complete.
+"""The dispatch driver: send a plan's render tasks (and training runs) to a job's workers, collect
+results as they complete. Which workers a job may use, and when, is its `pool.WorkerPool`.
 
 - Chunks: tasks are cut into small chunks of one group (same model and LoRA set), so an actor
   call never loads anything new mid-chunk and Ray's per-call overhead is shared by a few renders.
@@ -7,34 +7,42 @@ complete.
   it takes a group no other actor is on; only then does it steal the tail of another's group.
 - Bounded in-flight work: each actor has at most `depth` chunks queued (one rendering, one
   waiting), so results stream back steadily and nothing piles up in the object store.
-- Failures: a failed task is a `failed` row with its error and the job goes on. A chunk lost to
-  a dying actor is requeued (Ray restarts the actor); a task lost three times is marked failed.
+- Failures: a failed task is a `failed` row with its error and the job goes on. A task that
+  failed for a reason another worker may not have (`retryable`) goes to another worker, until it
+  failed on MAX_ATTEMPTS different workers (or 2 × MAX_ATTEMPTS times); a worker that fails
+  BLOCK_AFTER of a job's tasks gets no more of them. A chunk lost to a dying actor is requeued
+  (Ray restarts the actor); a task lost on MAX_ATTEMPTS different workers, or MAX_LOSSES times
+  in all, is marked failed. With a task timeout, a worker stuck on a chunk is killed the same way.
 - Training: a worker with no render chunk in flight takes the next training run; its checkpoints
   stream back (a Ray streaming generator) and are re-planned into render tasks at once, which
-  any free worker takes. A run whose worker dies resumes from its saved state on the next free one.
+  any free worker takes. A run whose worker dies resumes from its saved state on the next free
+  one; the MAX_ATTEMPTS-th death fails the run.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import ray
 from ray.exceptions import ActorUnschedulableError, RayActorError, RayTaskError
 
 from farm.cluster.metrics import farm_metrics
-from farm.errors import FarmError, first_line
-from farm.runs.manifest import ManifestWriter, RunFolder
+from farm.cluster.pool import PrivatePool, WorkerPool
+from farm.errors import first_line
 from farm.render.pipeline import PipelineOptions
-from farm.cluster.pool import PrivatePool
-from farm.sweep.plan import Plan, Task
 from farm.render.renderer import RenderResult
+from farm.runs.manifest import ManifestWriter, RunFolder
+from farm.sweep.plan import Plan, Task
 
-MAX_ATTEMPTS = 3
-MAX_LOSSES = 20
+if TYPE_CHECKING:  # the trainer is imported only by a worker that trains
+    from farm.train.trainer import Checkpoint, TrainRun
+
+MAX_ATTEMPTS = 3  # different workers a task may fail or be lost on; worker deaths that fail a training run
+MAX_LOSSES = 20  # a task lost this many times in all kills every worker it touches: it fails
 COLD_FACTOR = 3  # a worker's first chunk may take this many timeouts (it loads its pipeline)
 BLOCK_AFTER = 3  # a worker that fails this many of a job's tasks gets no more of them (Flamenco's rule)
 # a worker that died, or can no longer exist (its node left): its work goes to another
@@ -43,6 +51,8 @@ WORKER_GONE = (RayActorError, ActorUnschedulableError)
 
 @dataclass
 class RunSummary:
+    """What a job's run came to (`farm run` prints it)."""
+
     total: int
     skipped: int  # already `ok` in the manifest
     ok: int = 0
@@ -53,71 +63,7 @@ class RunSummary:
     failed_runs: list[str] = field(default_factory=list)  # training runs that stopped with an error
 
 
-def connect(address: str | None = None, gpus: int | None = None, dashboard: bool = True,
-            allow_open: bool = False, local: bool = False) -> bool:
-    """Join the cluster at `address` (or a running local one); else, or when `local`, start a
-    local Ray of this process's own.
-
-    A local Ray on a machine without CUDA declares one logical GPU per CPU core, so render
-    actors are placed one per core exactly as they would be one per GPU. Returns True when
-    this process started Ray (and so should stop it).
-    """
-    if ray.is_initialized():
-        return False
-    # Joining a cluster keeps its nodes' environment and, inside a submitted job, the job's
-    # runtime env (a runtime_env here would replace it, and Ray would delete the job's working dir).
-    try:  # "auto" finds a Ray running on this machine (its address file, or its processes)
-        if local:
-            raise ConnectionError("a Ray of this run's own was asked for")
-        context = ray.init(address=address or "auto", namespace="sdfarm")
-    except ConnectionError:
-        if address:
-            raise
-    else:
-        try:
-            check_exposure(context.dashboard_url or "", _auth_mode(), allow_open)
-        except FarmError:
-            ray.shutdown()
-            raise
-        return False
-    env = {"runtime_env": {"env_vars": _forwarded_env()}}
-    if gpus is None:
-        import torch
-
-        gpus = torch.cuda.device_count() or (os.cpu_count() or 1)
-    context = ray.init(num_gpus=gpus, num_cpus=os.cpu_count(), namespace="sdfarm", include_dashboard=dashboard,
-                       dashboard_host="127.0.0.1", **env)  # loopback only: the dashboard can submit jobs
-    if dashboard and context.dashboard_url:
-        print(f"Ray dashboard: http://{context.dashboard_url}", file=sys.stderr)
-    return True
-
-
-def _auth_mode() -> str:
-    from ray._raylet import AuthenticationMode, get_authentication_mode
-
-    return "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "off"
-
-
-LOOPBACK = ("127.", "localhost", "[::1]", "::1")
-
-
-def check_exposure(dashboard_url: str, auth_mode: str, allow_open: bool) -> None:
-    """Refuse a cluster whose dashboard (and so its Jobs API: code execution for whoever reaches
-    it) listens beyond this machine with token authentication off, unless the user insists."""
-    host = dashboard_url.removeprefix("http://").rsplit(":", 1)[0]
-    if not host or host.startswith(LOOPBACK) or auth_mode == "token" or allow_open:
-        return
-    raise FarmError(f"the cluster's dashboard listens on {host} with token authentication off: anyone who "
-                    "reaches it can run code on every node; restart Ray with --dashboard-host=127.0.0.1 or "
-                    "RAY_AUTH_MODE=token (see cluster.yaml), or pass --allow-open-cluster")
-
-
-def _forwarded_env() -> dict[str, str]:
-    names = ("SDFARM_CACHE", "HF_HUB_OFFLINE", "HF_HOME")
-    return {name: os.environ[name] for name in names if name in os.environ}
-
-
-def make_chunks(tasks: list[Task], size: int) -> "OrderedDict[tuple, deque[list[Task]]]":
+def make_chunks(tasks: list[Task], size: int) -> OrderedDict[tuple, deque[list[Task]]]:
     """Group tasks (keeping plan order) and cut each group into chunks of at most `size`."""
     groups: OrderedDict[tuple, list[Task]] = OrderedDict()
     for task in tasks:
@@ -131,13 +77,16 @@ def make_chunks(tasks: list[Task], size: int) -> "OrderedDict[tuple, deque[list[
 class AffinityQueue:
     """Chunks by group, handed out so that actors rarely switch LoRAs and never sit idle."""
 
-    def __init__(self, chunks: "OrderedDict[tuple, deque[list[Task]]]"):
+    def __init__(self, chunks: OrderedDict[tuple, deque[list[Task]]]):
         self.chunks = chunks
         self.on: dict[int, tuple] = {}  # actor index → group it last took
         self.switches = 0
 
     def __bool__(self) -> bool:
         return any(self.chunks.values())
+
+    def chunk_count(self) -> int:
+        return sum(len(chunks) for chunks in self.chunks.values())
 
     def take(self, actor: int) -> list[Task] | None:
         group, steal = self._choose(actor)
@@ -169,7 +118,7 @@ class AffinityQueue:
         self.chunks.setdefault(chunk[0].group, deque()).appendleft(chunk)
 
 
-def _progress(total: int, quiet: bool):
+def _progress_bar(total: int, quiet: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True,
@@ -177,10 +126,11 @@ def _progress(total: int, quiet: bool):
 
 
 class _Feed:
-    """Render tasks in and results out for one run folder: what is done, what is queued."""
+    """Render tasks in and results out for one run folder: what is done, what is queued, and how
+    often each task failed or was lost."""
 
     def __init__(self, run: RunFolder, quiet: bool, chunk_size: int):
-        self.run, self.chunk_size = run, chunk_size
+        self.chunk_size = chunk_size
         run.remove_temp_files()  # left by a crashed earlier run of this job
         self.done = run.done_ids()
         self.seen = set(self.done)  # done or queued: never queued twice
@@ -189,11 +139,10 @@ class _Feed:
         self.writer = ManifestWriter(run)
         self.lost_on: dict[str, list] = {}  # task id → workers it was lost on, in order
         self.failed_on: dict[str, list] = {}  # task id → workers it failed on (retryable failures)
-        self.worker_failures: dict = {}
         self.summary = RunSummary(total=0, skipped=0)
-        self.bar = _progress(0, quiet)
+        self.bar = _progress_bar(0, quiet)
         self.started = time.perf_counter()
-        self.job = run.load_run_info().get("job", run.root.name)
+        self.job_name = run.load_run_info().get("job", run.root.name)
 
     def add(self, tasks: list[Task]) -> None:
         """Queue the tasks not seen before (re-planning after a new checkpoint adds only those)."""
@@ -209,7 +158,7 @@ class _Feed:
 
     def retry_elsewhere(self, result: RenderResult, worker) -> bool:
         """Requeue a task that failed for a reason another worker may not have; False once it
-        failed on MAX_ATTEMPTS different workers (then its last error is final)."""
+        failed on MAX_ATTEMPTS different workers, or 2 × MAX_ATTEMPTS times (then its last error is final)."""
         workers = self.failed_on.setdefault(result.task.task_id, [])
         workers.append(worker)
         if len(set(workers)) >= MAX_ATTEMPTS or len(workers) >= 2 * MAX_ATTEMPTS:
@@ -218,10 +167,22 @@ class _Feed:
         self.queue.put_back([result.task])
         return True
 
-    def worker_failed(self, worker) -> bool:
-        """Count a worker's failure; True when it has just reached BLOCK_AFTER."""
-        self.worker_failures[worker] = self.worker_failures.get(worker, 0) + 1
-        return self.worker_failures[worker] == BLOCK_AFTER
+    def requeue_lost(self, chunk: list[Task], worker, exc: Exception) -> None:
+        """A chunk whose worker died or left: its tasks go back in the queue for any live worker.
+
+        A task lost on MAX_ATTEMPTS different workers (or lost MAX_LOSSES times in all: a task that
+        kills every worker it touches) is failed with the last error instead."""
+        retry = []
+        for task in chunk:
+            losses = self.lost_on.setdefault(task.task_id, [])
+            losses.append(worker)
+            if len(set(losses)) >= MAX_ATTEMPTS or len(losses) >= MAX_LOSSES:
+                self.record(RenderResult(task=task, status="failed",
+                                         error=f"lost with its worker {len(losses)} times: {first_line(exc)}"))
+            else:
+                retry.append(task)
+        if retry:
+            self.queue.put_back(retry)
 
     def fail_queued(self, error: str) -> None:
         while self.queue:
@@ -234,7 +195,7 @@ class _Feed:
         done, left = s.ok + s.skipped, s.total - s.ok - s.skipped - s.failed
         elapsed = time.perf_counter() - self.started
         rate = s.ok / elapsed if s.ok else 0.0
-        farm_metrics().queue_depth.set(left, {"job": self.job})
+        farm_metrics().queue_depth.set(left, {"job": self.job_name})
         return {"total": s.total, "done": done, "failed": s.failed, "left": left,
                 "eta_s": round(left / rate) if rate else None, "updated": time.time()}
 
@@ -261,148 +222,222 @@ def _pool_size(actors: int | None, work: int) -> tuple[int, bool]:
     return max(1, min(actors or slots, slots, max(work, 1))), use_gpus
 
 
-def _drive(pool, feed: _Feed, trains: deque, depth: int, on_checkpoint=None, recycle_after: int = 0,
-           task_timeout_s: float = 0) -> None:
-    """Keep every usable worker busy until no work is left: training runs first (a worker takes
-    one when it has no render chunk in flight), render chunks by affinity otherwise. Checkpoints
-    stream back while a run trains, and `on_checkpoint` may queue renders for them at once.
-    `pool` (pool.PrivatePool or pool.SharedPool) says which workers this job may use now.
+def _call_name(chunk: list[Task]) -> str:
+    """What the Ray dashboard shows for a render call: its first task, and how many more."""
+    name = chunk[0].title if len(chunk) == 1 else f"{chunk[0].title} (+{len(chunk) - 1})"
+    return name[:80]
+
+
+class _Driver:
+    """Keeps every usable worker of one job busy until no work is left: training runs first (a
+    worker takes one when it has no render chunk in flight), render chunks by affinity otherwise.
+    Checkpoints stream back while a run trains, and `on_checkpoint` may queue renders for them at once.
+
     `recycle_after`: replace a worker by a fresh process once it was sent that many tasks and
     finished them (like Ray's max_calls: memory that grows anyway is given back).
     `task_timeout_s`: a worker whose current chunk takes longer than this per task is killed
-    (Ray restarts it) and the chunk goes to the queue again, counted as a failure of that worker."""
-    renders: dict = {}  # ref → (worker, chunk)
-    training: dict = {}  # streaming generator → (worker, TrainRun)
-    load: dict = {}  # worker → chunks in flight
-    train_attempts: dict[str, int] = {}
-    busy_training: set = set()
+    (Ray restarts it) and the chunk goes to the queue again, counted as a failure of that worker.
+    Workers are known by their pool's keys.
+    """
 
-    rendered: dict = {}  # worker → tasks since it started
-    sent: dict = {}  # worker → tasks sent to its current process (for recycle_after)
-    busy_since: dict = {}  # worker → when its oldest chunk in flight started (roughly)
+    def __init__(self, pool: WorkerPool, feed: _Feed, train_runs: deque[TrainRun], depth: int,
+                 on_checkpoint: Callable[[Checkpoint], None] | None = None, recycle_after: int = 0,
+                 task_timeout_s: float = 0):
+        self.pool, self.feed, self.depth = pool, feed, depth
+        self.waiting_runs = train_runs  # not started yet, or to resume on another worker
+        self.on_checkpoint = on_checkpoint
+        self.recycle_after, self.task_timeout_s = recycle_after, task_timeout_s
+        self.renders: dict = {}  # ref → (worker, chunk)
+        self.trainings: dict = {}  # streaming generator → (worker, TrainRun)
+        self.training_on: set = set()  # workers running a training run: they take nothing else
+        self.worker_deaths: dict[str, int] = {}  # run name → workers that died under it
+        self.load: dict = {}  # worker → chunks in flight
+        self.sent: dict = {}  # worker → tasks sent to its current process (for recycle_after)
+        self.rendered: dict = {}  # worker → tasks of chunks it answered since recycled (0: still cold)
+        self.busy_since: dict = {}  # worker → when its oldest chunk in flight started (roughly)
+        self.failures: dict = {}  # worker → tasks of this job it failed (for BLOCK_AFTER)
 
-    def due_for_recycling(key) -> bool:
-        return bool(recycle_after) and pool.recycles and sent.get(key, 0) >= recycle_after
-
-    def fill(key) -> None:
-        if key in busy_training:
-            return
-        if due_for_recycling(key):
-            if load.get(key) or not (feed.queue or trains):
-                return  # let it finish what it has, then replace it (if there is more to do)
-            pool.recycle(key)
-            sent[key] = rendered[key] = 0
-            if key not in pool.usable():  # a shared pool's worker comes back when the keeper has replaced it
+    def run(self) -> None:
+        while True:
+            self.pool.sync(self.load, self.feed.progress())
+            for key in self.pool.usable():
+                self._fill(key)
+            queued = self.feed.queue.chunk_count()
+            if not (self.renders or self.trainings or queued or self.waiting_runs):
                 return
-        worker = pool.handles[key]
-        if trains and not load.get(key) and pool.can_train(key):
-            job = trains.popleft()
-            pool.pin(key, True)
-            generator = worker.train.options(num_returns="streaming", name=f"train {job.run}").remote(job)
-            training[generator] = (key, job)
-            busy_training.add(key)
+            # workers that would have work: a run each, and `depth` queued chunks each
+            self.pool.want(len(self.waiting_runs) + -(-queued // self.depth) - len(self.pool.usable()))
+            ready = self._wait_for_any()
+            if self.task_timeout_s:
+                self._stop_overdue()
+            for ref in ready:
+                self._take(ref)
+            self._fail_rest_if_no_worker_left()
+
+    def _wait_for_any(self) -> list:
+        """What is ready first: a chunk's results, a checkpoint, or an answer the pool awaits. At
+        most the pool's tick (1 s with a task timeout, so that overdue workers are seen)."""
+        tick = self.pool.tick if not self.task_timeout_s else min(self.pool.tick or 1.0, 1.0)
+        ready, _ = ray.wait([*self.renders, *self.trainings, *self.pool.waitables()], num_returns=1, timeout=tick)
+        return ready
+
+    def _take(self, ref) -> None:
+        if ref in self.trainings:
+            self._next_checkpoint(ref)
+        elif ref in self.renders:
+            self._finish_chunk(ref)
+        else:
+            self.pool.on_ready(ref)
+
+    # --- sending work ---------------------------------------------------------------------------
+
+    def _fill(self, key) -> None:
+        """Give a usable worker work: the next training run when it has no chunk in flight, else
+        render chunks up to `depth`."""
+        if key in self.training_on:
             return
-        while load.get(key, 0) < depth and not due_for_recycling(key):
-            chunk = feed.queue.take(key)
+        if self._due_for_recycling(key) and not self._recycle(key):
+            return
+        if self.waiting_runs and not self.load.get(key) and self.pool.can_train(key):
+            self._start_training(key)
+        else:
+            self._send_chunks(key)
+
+    def _due_for_recycling(self, key) -> bool:
+        return bool(self.recycle_after) and self.pool.recycles and self.sent.get(key, 0) >= self.recycle_after
+
+    def _recycle(self, key) -> bool:
+        """Replace a worker that is due, once it finished what it has and there is more to do;
+        True when the fresh worker may take work now."""
+        if self.load.get(key) or not (self.feed.queue or self.waiting_runs):
+            return False
+        self.pool.recycle(key)
+        self.sent[key] = self.rendered[key] = 0
+        return key in self.pool.usable()  # a shared pool's worker comes back when the keeper has replaced it
+
+    def _start_training(self, key) -> None:
+        worker = self.pool.handles[key]
+        train_run = self.waiting_runs.popleft()
+        self.pool.pin(key, True)
+        generator = worker.train.options(num_returns="streaming", name=f"train {train_run.run}").remote(train_run)
+        self.trainings[generator] = (key, train_run)
+        self.training_on.add(key)
+
+    def _send_chunks(self, key) -> None:
+        worker = self.pool.handles[key]
+        while self.load.get(key, 0) < self.depth and not self._due_for_recycling(key):
+            chunk = self.feed.queue.take(key)
             if chunk is None:
                 return
-            pool.offer(chunk)
-            name = chunk[0].title if len(chunk) == 1 else f"{chunk[0].title} (+{len(chunk) - 1})"
-            ref = worker.render_batch.options(name=name[:80]).remote(chunk, pool.source())
-            renders[ref] = (key, chunk)
-            sent[key] = sent.get(key, 0) + len(chunk)
-            if not load.get(key):
-                busy_since[key] = time.monotonic()
-            load[key] = load.get(key, 0) + 1
+            self.pool.offer(chunk)
+            ref = worker.render_batch.options(name=_call_name(chunk)).remote(chunk, self.pool.source())
+            self.renders[ref] = (key, chunk)
+            self.sent[key] = self.sent.get(key, 0) + len(chunk)
+            if not self.load.get(key):
+                self.busy_since[key] = time.monotonic()
+            self.load[key] = self.load.get(key, 0) + 1
 
-    def end_training(ref, key) -> None:
-        del training[ref]
-        busy_training.discard(key)
-        pool.pin(key, False)
+    # --- training runs --------------------------------------------------------------------------
 
-    while True:
-        pool.sync(load, feed.progress())
-        for key in pool.usable():
-            fill(key)
-        queued = sum(len(chunks) for chunks in feed.queue.chunks.values())
-        if not renders and not training and not queued and not trains:
-            return
-        pool.want(len(trains) + -(-queued // depth) - len(pool.usable()))
-        tick = pool.tick if not task_timeout_s else min(pool.tick or 1.0, 1.0)
-        ready, _ = ray.wait([*renders, *training, *pool.waitables()], num_returns=1, timeout=tick)
-        if task_timeout_s:
-            _stop_overdue(pool, renders, busy_since, task_timeout_s, feed, rendered)
-        for ref in ready:
-            if ref in training:
-                key, job = training[ref]
-                try:
-                    checkpoint = ray.get(next(ref))
-                except StopIteration:
-                    end_training(ref, key)
-                    continue
-                except WORKER_GONE as exc:  # the worker died mid-run: resume from its saved state
-                    end_training(ref, key)
-                    train_attempts[job.run] = train_attempts.get(job.run, 0) + 1
-                    if train_attempts[job.run] < MAX_ATTEMPTS:
-                        trains.appendleft(job)
-                    else:
-                        feed.summary.failed_runs.append(f"{job.run}: worker died {MAX_ATTEMPTS} times: {first_line(exc)}")
-                    continue
-                except RayTaskError as exc:  # the run itself failed (bad data, bad options): others go on
-                    end_training(ref, key)
-                    feed.summary.failed_runs.append(f"{job.run}: {first_line(exc.cause or exc)}")
-                    continue
-                if on_checkpoint:
-                    on_checkpoint(checkpoint)
-                continue
-            if ref not in renders:
-                pool.on_ready(ref)
-                continue
-            key, chunk = renders.pop(ref)
-            load[key] -= 1
-            busy_since[key] = time.monotonic()
-            rendered[key] = rendered.get(key, 0) + len(chunk)
-            try:
-                results = ray.get(ref)
-            except WORKER_GONE as exc:
-                _requeue_lost(chunk, key, feed.queue, feed.lost_on, feed.record, exc)
-                results = []
-                if key in pool.handles:  # stop sending it work; a restarted worker comes back through the pool
-                    pool.lost(key)
-            except RayTaskError as exc:  # the worker itself broke on this chunk: fail its tasks, go on
-                results = [RenderResult(task=t, status="failed", error=first_line(exc.cause or exc)) for t in chunk]
-            for result in results:
-                if result.status == "failed" and result.retryable and feed.retry_elsewhere(result, key):
-                    if feed.worker_failed(key) and pool.block(key):
-                        feed.bar.write(f"worker {key} failed {BLOCK_AFTER} tasks of this job: no more tasks for it")
-                    continue
-                feed.record(result)
-        if not pool.usable() and pool.all_blocked() and (feed.queue or renders):
-            feed.fail_queued(f"no eligible worker left: every worker failed {BLOCK_AFTER} tasks of this job")
+    def _next_checkpoint(self, generator) -> None:
+        """A training run's stream has news: a checkpoint, its end, or its failure."""
+        key, train_run = self.trainings[generator]
+        try:
+            checkpoint = ray.get(next(generator))
+        except StopIteration:
+            self._end_training(generator, key)
+        except WORKER_GONE as exc:  # the worker died mid-run: resume from its saved state
+            self._end_training(generator, key)
+            self._resume_elsewhere(train_run, exc)
+        except RayTaskError as exc:  # the run itself failed (bad data, bad options): others go on
+            self._end_training(generator, key)
+            self.feed.summary.failed_runs.append(f"{train_run.run}: {first_line(exc.cause or exc)}")
+        else:
+            if self.on_checkpoint:
+                self.on_checkpoint(checkpoint)
+
+    def _resume_elsewhere(self, train_run: TrainRun, exc: Exception) -> None:
+        """Queue a run whose worker died again, first in line; its MAX_ATTEMPTS-th death fails it."""
+        deaths = self.worker_deaths[train_run.run] = self.worker_deaths.get(train_run.run, 0) + 1
+        if deaths < MAX_ATTEMPTS:
+            self.waiting_runs.appendleft(train_run)
+        else:
+            self.feed.summary.failed_runs.append(
+                f"{train_run.run}: worker died {MAX_ATTEMPTS} times: {first_line(exc)}")
+
+    def _end_training(self, generator, key) -> None:
+        del self.trainings[generator]
+        self.training_on.discard(key)
+        self.pool.pin(key, False)
+
+    # --- render results -------------------------------------------------------------------------
+
+    def _finish_chunk(self, ref) -> None:
+        """A chunk came back: record its results; a retryable failure goes to another worker."""
+        key, chunk = self.renders.pop(ref)
+        self.load[key] -= 1
+        self.busy_since[key] = time.monotonic()
+        self.rendered[key] = self.rendered.get(key, 0) + len(chunk)
+        for result in self._results(ref, key, chunk):
+            if result.status == "failed" and result.retryable and self.feed.retry_elsewhere(result, key):
+                if self._count_failure(key):
+                    self.feed.bar.write(f"worker {key} failed {BLOCK_AFTER} tasks of this job: no more tasks for it")
+            else:
+                self.feed.record(result)
+
+    def _results(self, ref, key, chunk: list[Task]) -> list[RenderResult]:
+        try:
+            return ray.get(ref)
+        except WORKER_GONE as exc:
+            self._worker_lost(key, chunk, exc)
+            return []
+        except RayTaskError as exc:  # the worker itself broke on this chunk: fail its tasks, go on
+            return [RenderResult(task=t, status="failed", error=first_line(exc.cause or exc)) for t in chunk]
+
+    # --- failing workers ------------------------------------------------------------------------
+
+    def _worker_lost(self, key, chunk: list[Task], exc: Exception) -> None:
+        """The worker died or its node left with `chunk` in flight: the chunk goes back in the
+        queue, and the worker gets nothing more (a restarted one comes back through the pool)."""
+        self.feed.requeue_lost(chunk, key, exc)
+        if key in self.pool.handles:
+            self.pool.lost(key)
+
+    def _count_failure(self, key) -> bool:
+        """Count a task the worker failed; at BLOCK_AFTER the job sends it no more. True when it
+        was blocked just now."""
+        self.failures[key] = self.failures.get(key, 0) + 1
+        if self.failures[key] != BLOCK_AFTER:
+            return False
+        self.pool.block(key)
+        return True
+
+    def _stop_overdue(self) -> None:
+        """Kill workers stuck on a chunk (a hung driver call, a deadlocked GPU): Ray restarts them,
+        and the chunk's tasks come back through the lost-worker path, to any live worker. A worker
+        that has not finished a chunk yet gets COLD_FACTOR times longer: it loads its pipeline first."""
+        now = time.monotonic()
+        oldest: dict = {}  # worker → its oldest chunk in flight (renders keep the order they were sent in)
+        for key, chunk in self.renders.values():
+            oldest.setdefault(key, chunk)
+        for key, chunk in oldest.items():
+            allowed = self.task_timeout_s * len(chunk) * (1 if self.rendered.get(key) else COLD_FACTOR)
+            if now - self.busy_since.get(key, now) > allowed:
+                self.feed.bar.write(f"worker {key}: no answer in {allowed:.0f} s; restarting it")
+                ray.kill(self.pool.handles[key], no_restart=False)
+                self.busy_since[key] = now  # once per timeout
+                self._count_failure(key)
+
+    def _fail_rest_if_no_worker_left(self) -> None:
+        """Every worker the job could get is blocked: fail what is queued instead of waiting."""
+        if not self.pool.usable() and self.pool.all_blocked() and (self.feed.queue or self.renders):
+            self.feed.fail_queued(f"no eligible worker left: every worker failed {BLOCK_AFTER} tasks of this job")
 
 
-def _stop_overdue(pool, renders: dict, busy_since: dict, task_timeout_s: float, feed: _Feed,
-                  rendered: dict) -> None:
-    """Kill workers stuck on a chunk (a hung driver call, a deadlocked GPU): Ray restarts them,
-    and the chunk's tasks come back through the lost-worker path, to any live worker. A worker
-    that has not finished a chunk yet gets COLD_FACTOR times longer: it loads its pipeline first."""
-    now = time.monotonic()
-    oldest: dict = {}  # worker → its oldest chunk in flight (renders keep the order they were sent in)
-    for key, chunk in renders.values():
-        oldest.setdefault(key, chunk)
-    for key, chunk in oldest.items():
-        allowed = task_timeout_s * len(chunk) * (1 if rendered.get(key) else COLD_FACTOR)
-        if now - busy_since.get(key, now) > allowed:
-            feed.bar.write(f"worker {key}: no answer in {allowed:.0f} s; restarting it")
-            ray.kill(pool.handles[key], no_restart=False)
-            busy_since[key] = now  # once per timeout
-            if feed.worker_failed(key):
-                pool.block(key)
-
-
-def _open_pool(pool, actors: int | None, work: int, options: PipelineOptions):
-    """(pool, opened here): a pool object as given, a list of workers as a private pool that stays
-    up, or by default a private pool started for this run."""
+def _open_pool(pool: WorkerPool | list | None, actors: int | None, work: int,
+               options: PipelineOptions) -> tuple[WorkerPool, bool]:
+    """(pool, close it after the run): a pool object as given, a list of workers as a private pool
+    that stays up, or by default a private pool started for this run."""
     if pool is None:
         count, use_gpus = _pool_size(actors, work)
         return PrivatePool.start(count, options, use_gpus), True
@@ -411,82 +446,67 @@ def _open_pool(pool, actors: int | None, work: int, options: PipelineOptions):
     return pool, False
 
 
-def run_plan(plan: Plan, run: RunFolder, *, actors: int | None = None, chunk_size: int = 4,
-             depth: int = 2, options: PipelineOptions = PipelineOptions(), quiet: bool = False,
-             pool=None, recycle_after: int = 0, task_timeout_s: float = 0) -> RunSummary:
-    """Render every task of `plan` that has no `ok` row in `run`'s manifest, on the current Ray.
-
-    `pool`: a `pool.SharedPool`, a list of workers that are already up (and stay up), or None
-    for workers of this run alone."""
-    started = time.perf_counter()
-    feed = _Feed(run, quiet, chunk_size)
-    feed.add(plan.tasks)
-    if not any(feed.queue.chunks.values()):
-        feed.close()
-        return feed.summary
-    pool, opened = _open_pool(pool, actors, len(plan.tasks), options)
-    try:
-        _drive(pool, feed, deque(), depth, recycle_after=recycle_after, task_timeout_s=task_timeout_s)
-    finally:
-        feed.close()
-        if opened:
-            pool.close()
+def _finished(feed: _Feed, started: float) -> RunSummary:
     feed.summary.lora_switches = feed.queue.switches
     feed.summary.wall_s = time.perf_counter() - started
     return feed.summary
 
 
-def run_study(trains: list, replan, run: RunFolder, *, actors: int | None = None, chunk_size: int = 4,
-              depth: int = 2, options: PipelineOptions = PipelineOptions(), quiet: bool = False,
-              pool=None, recycle_after: int = 0, task_timeout_s: float = 0) -> RunSummary:
-    """Train `trains` (TrainRuns) and render their evaluation as each checkpoint appears.
+def run_plan(plan: Plan, run: RunFolder, *, actors: int | None = None, chunk_size: int = 4,
+             depth: int = 2, options: PipelineOptions = PipelineOptions(), quiet: bool = False,
+             pool: WorkerPool | list | None = None, recycle_after: int = 0, task_timeout_s: float = 0) -> RunSummary:
+    """Render every task of `plan` that has no `ok` row in `run`'s manifest, on the current Ray.
 
-    `replan(checkpoints)` returns the evaluation tasks for the checkpoints known so far; it is
-    called at the start (checkpoints from an earlier, interrupted run) and after every new one.
+    `pool`: a WorkerPool (the cluster's `pool.SharedPool`), a list of workers that are already up
+    (and stay up), or None for workers of this run alone."""
+    started = time.perf_counter()
+    feed = _Feed(run, quiet, chunk_size)
+    feed.add(plan.tasks)
+    if not feed.queue:
+        feed.close()
+        return feed.summary
+    pool, opened = _open_pool(pool, actors, len(plan.tasks), options)
+    try:
+        _Driver(pool, feed, deque(), depth, recycle_after=recycle_after, task_timeout_s=task_timeout_s).run()
+    finally:
+        feed.close()
+        if opened:
+            pool.close()
+    return _finished(feed, started)
+
+
+def run_study(trains: list[TrainRun], replan: Callable[[dict], list[Task]], run: RunFolder, *,
+              actors: int | None = None, chunk_size: int = 4, depth: int = 2,
+              options: PipelineOptions = PipelineOptions(), quiet: bool = False,
+              pool: WorkerPool | list | None = None, recycle_after: int = 0, task_timeout_s: float = 0) -> RunSummary:
+    """Train `trains` and render their evaluation as each checkpoint appears.
+
+    `replan(checkpoints)` returns the evaluation tasks for the checkpoints known so far ({run name:
+    [(epoch, label, path)]}); it is called at the start (checkpoints from an earlier, interrupted
+    run) and after every new one.
     """
     started = time.perf_counter()
     feed = _Feed(run, quiet, chunk_size)
-    known = {}
+    known: dict[str, list] = {}
     recorded = run.read_checkpoints()  # from an earlier, interrupted run of this job
     for row in recorded:
         known.setdefault(row["run"], []).append((row["epoch"], row["label"], str(run.root / row["path"])))
     finished = {row["run"] for row in recorded if row["final"]}
     feed.add(replan(known))
 
-    def on_checkpoint(checkpoint) -> None:
+    def on_checkpoint(checkpoint: Checkpoint) -> None:
         run.add_checkpoint(checkpoint)
         if not quiet:
             feed.bar.write(f"checkpoint {checkpoint.label}: {checkpoint.path} (step {checkpoint.step})")
         known.setdefault(checkpoint.run, []).append((checkpoint.epoch, checkpoint.label, checkpoint.path))
         feed.add(replan(known))
 
-    pending = deque(job for job in trains if job.run not in finished)
+    pending = deque(train_run for train_run in trains if train_run.run not in finished)
     pool, opened = _open_pool(pool, actors, len(pending) + 1, options)
     try:
-        _drive(pool, feed, pending, depth, on_checkpoint, recycle_after, task_timeout_s)
+        _Driver(pool, feed, pending, depth, on_checkpoint, recycle_after, task_timeout_s).run()
     finally:
         feed.close()
         if opened:
             pool.close()
-    feed.summary.lora_switches = feed.queue.switches
-    feed.summary.wall_s = time.perf_counter() - started
-    return feed.summary
-
-
-def _requeue_lost(chunk: list[Task], worker, queue: AffinityQueue, lost_on: dict, record, exc) -> None:
-    """A chunk whose worker died or left: its tasks go back in the queue for any live worker.
-
-    A task lost on MAX_ATTEMPTS different workers (or lost MAX_LOSSES times in all: a task that
-    kills every worker it touches) is failed with the last error instead."""
-    retry = []
-    for task in chunk:
-        losses = lost_on.setdefault(task.task_id, [])
-        losses.append(worker)
-        if len(set(losses)) >= MAX_ATTEMPTS or len(losses) >= MAX_LOSSES:
-            record(RenderResult(task=task, status="failed",
-                                error=f"lost with its worker {len(losses)} times: {first_line(exc)}"))
-        else:
-            retry.append(task)
-    if retry:
-        queue.put_back(retry)
-
+    return _finished(feed, started)

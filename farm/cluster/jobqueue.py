@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from farm.errors import FarmError, first_line
+from farm.errors import ClusterError, first_line
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PROGRESS_MARK = "sdfarm-progress "
@@ -40,8 +40,8 @@ def client(address: str | None):
     try:
         return JobSubmissionClient(address)
     except Exception as exc:  # connection refused, auth failure, not a Ray dashboard
-        raise FarmError(f"--address {address}: no Ray Jobs API there ({first_line(exc)}); "
-                        "start the cluster (`ray up cluster.yaml`) and forward it (`ray dashboard cluster.yaml`)") from None
+        raise ClusterError(f"--address {address}: no Ray Jobs API there ({first_line(exc)}); start the cluster "
+                           "(`ray up cluster.yaml`) and forward it (`ray dashboard cluster.yaml`)") from None
 
 
 def _slug(text: str) -> str:
@@ -65,7 +65,7 @@ def _staging(spec: Path, overrides: list[str]) -> tuple[str, list[str]]:
 def submit(address: str | None, spec: str, job_name: str, *, overrides: list[str], scale: str | None,
            priority: int, out: str | None, pipeline_args: list[str]) -> str:
     """Submit `farm run SPEC` as a Ray job; returns its submission id."""
-    jobs = client(address)
+    jobs_api = client(address)
     stage, override_names = _staging(Path(spec).resolve(), overrides)
     submission_id = f"sdfarm-{_slug(job_name)}-{secrets.token_hex(3)}"
     command = ["python", "-m", "farm.cli", "run", Path(spec).name, "--job-key", submission_id,
@@ -78,7 +78,7 @@ def submit(address: str | None, spec: str, job_name: str, *, overrides: list[str
         command += ["--out", out]
     command += pipeline_args
     try:
-        _submit(jobs, entrypoint=shlex.join(command), submission_id=submission_id,
+        _submit(jobs_api, entrypoint=shlex.join(command), submission_id=submission_id,
                 runtime_env={"working_dir": stage}, entrypoint_num_cpus=0,
                 metadata={"sdfarm": "1", "job": job_name, "priority": str(priority), "spec": spec})
     finally:
@@ -86,23 +86,23 @@ def submit(address: str | None, spec: str, job_name: str, *, overrides: list[str
     return submission_id
 
 
-def _submit(jobs, retry_s: float = 60, **request) -> None:
+def _submit(jobs_api, retry_s: float = 60, **request) -> None:
     """Submit, waiting out a head whose job agent is still starting (right after `ray up`)."""
     deadline = time.monotonic() + retry_s
     while True:
         try:
-            jobs.submit_job(**request)
+            jobs_api.submit_job(**request)
             return
         except RuntimeError as exc:
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise FarmError(f"submitting {request['submission_id']}: {first_line(exc)}") from None
+                raise ClusterError(f"submitting {request['submission_id']}: {first_line(exc)}") from None
             time.sleep(1)
 
 
 def farm_jobs(address: str | None) -> list:
     """The cluster's farm jobs (JobDetails), newest last."""
-    details = [job for job in client(address).list_jobs() if (job.metadata or {}).get("sdfarm")]
-    return sorted(details, key=lambda job: job.start_time or 0)
+    farm_details = [details for details in client(address).list_jobs() if (details.metadata or {}).get("sdfarm")]
+    return sorted(farm_details, key=lambda details: details.start_time or 0)
 
 
 def progress_of(address: str | None, submission_id: str) -> dict:
@@ -114,9 +114,10 @@ def progress_of(address: str | None, submission_id: str) -> dict:
     return {}
 
 
-def describe(job, progress: dict) -> str:
-    meta = job.metadata or {}
-    state = job.status.value if hasattr(job.status, "value") else str(job.status)
+def describe(details, progress: dict) -> str:
+    """One line of `farm jobs` for a job's JobDetails and its latest progress."""
+    meta = details.metadata or {}
+    state = details.status.value if hasattr(details.status, "value") else str(details.status)
     if progress:
         counts = f"{progress['done']}/{progress['total']} done, {progress['failed']} failed"
         eta = progress.get("eta_s")
@@ -125,21 +126,24 @@ def describe(job, progress: dict) -> str:
             state += " (paused)"
     else:
         counts = "no progress yet"
-    return f"{job.submission_id}  {state:<10} priority {meta.get('priority', '0'):>3}  {meta.get('job', '')}: {counts}"
+    priority, job_name = meta.get("priority", "0"), meta.get("job", "")
+    return f"{details.submission_id}  {state:<10} priority {priority:>3}  {job_name}: {counts}"
 
 
 def duration(seconds: float) -> str:
     """4m05s, 2h10m: for ETAs and estimates."""
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def job_info(address: str | None, submission_id: str):
-    jobs = client(address)
+    """The job's JobDetails; a ClusterError when the cluster has no such job."""
     try:
-        return jobs.get_job_info(submission_id)
+        return client(address).get_job_info(submission_id)
     except RuntimeError:
-        raise FarmError(f"{submission_id}: no such job (see `farm jobs`)") from None
+        raise ClusterError(f"{submission_id}: no such job (see `farm jobs`)") from None
 
 
 def cancel(address: str | None, submission_id: str) -> bool:
@@ -150,37 +154,37 @@ def cancel(address: str | None, submission_id: str) -> bool:
 
 def control(address: str | None, action: str, key: str = "", timeout_s: float = 120) -> dict:
     """Run `farm control ACTION KEY` on the head (it reaches the pool's keeper) and return its answer."""
-    jobs = client(address)
+    jobs_api = client(address)
     submission_id = f"sdfarm-control-{action}-{secrets.token_hex(3)}"
-    _submit(jobs, entrypoint=shlex.join(["python", "-m", "farm.cli", "control", action, key]),
+    _submit(jobs_api, entrypoint=shlex.join(["python", "-m", "farm.cli", "control", action, key]),
             submission_id=submission_id, entrypoint_num_cpus=0, metadata={"sdfarm-control": action})
     deadline = time.monotonic() + timeout_s
-    while (status := str(jobs.get_job_status(submission_id))) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+    while (status := str(jobs_api.get_job_status(submission_id))) not in ("SUCCEEDED", "FAILED", "STOPPED"):
         if time.monotonic() > deadline:
-            jobs.stop_job(submission_id)
-            raise FarmError(f"farm control {action}: no answer from the head in {timeout_s:.0f} s")
+            jobs_api.stop_job(submission_id)
+            raise ClusterError(f"farm control {action}: no answer from the head in {timeout_s:.0f} s")
         time.sleep(0.3)
-    logs = jobs.get_job_logs(submission_id)
-    jobs.delete_job(submission_id)
+    logs = jobs_api.get_job_logs(submission_id)
+    jobs_api.delete_job(submission_id)
     answers = [line for line in logs.splitlines() if line.startswith("{")]
     if status != "SUCCEEDED" or not answers:
-        raise FarmError(f"farm control {action}: failed on the head: {(logs.strip().splitlines() or ['?'])[-1]}")
+        raise ClusterError(f"farm control {action}: failed on the head: {(logs.strip().splitlines() or ['?'])[-1]}")
     return json.loads(answers[-1])
 
 
 def resume(address: str | None, submission_id: str) -> str:
     """Release a paused job, or resubmit a stopped/failed one: only tasks without `ok` rows render."""
-    job = job_info(address, submission_id)
-    state = str(job.status)
+    details = job_info(address, submission_id)
+    state = str(details.status)
     if state in ("PENDING", "RUNNING"):
         if not control(address, "resume", submission_id).get("found"):
-            raise FarmError(f"{submission_id}: running, but not waiting in the pool (nothing to resume)")
+            raise ClusterError(f"{submission_id}: running, but not waiting in the pool (nothing to resume)")
         return submission_id
     base = re.sub(r"-r\d+$", "", submission_id)
-    taken = {j.submission_id for j in client(address).list_jobs()}
+    taken = {other.submission_id for other in client(address).list_jobs()}
     new_id = next(f"{base}-r{n}" for n in range(1, 10_000) if f"{base}-r{n}" not in taken)
-    entrypoint = job.entrypoint.replace(f"--job-key {submission_id}", f"--job-key {new_id}")
-    _submit(client(address), entrypoint=entrypoint, submission_id=new_id, runtime_env=job.runtime_env,
-            entrypoint_num_cpus=0, metadata=job.metadata)
+    entrypoint = details.entrypoint.replace(f"--job-key {submission_id}", f"--job-key {new_id}")
+    _submit(client(address), entrypoint=entrypoint, submission_id=new_id, runtime_env=details.runtime_env,
+            entrypoint_num_cpus=0, metadata=details.metadata)
     return new_id
 

@@ -46,7 +46,8 @@ def record_render(result, node: str) -> None:
         metrics.lora_seconds.observe(result.lora_switch_s, {"node": node})
 
 
-def record_train_step(run: str, node: str, loss: float, seconds: float) -> None:
+def record_train_step(run_name: str, node: str, loss: float, seconds: float) -> None:
+    """Time and loss of one training step of the run `run_name`."""
     metrics = farm_metrics()
-    metrics.train_step_seconds.observe(seconds, {"node": node, "run": run})
-    metrics.train_loss.set(loss, {"run": run})
+    metrics.train_step_seconds.observe(seconds, {"node": node, "run": run_name})
+    metrics.train_loss.set(loss, {"run": run_name})

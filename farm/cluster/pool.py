@@ -68,9 +68,9 @@ class PoolKeeper:
         self.options = options
         self.workers: dict[str, object] = {}  # name → handle
         self.node_of: dict[str, str] = {}
-        self.held: dict[str, tuple[str, float | None]] = {}  # name → (job, expires; None: pinned)
-        self.last_job: dict[str, str] = {}
-        self.jobs: dict[str, _Job] = {}
+        self.held: dict[str, tuple[str, float | None]] = {}  # name → (job key, expires; None: pinned)
+        self.last_job: dict[str, str] = {}  # name → key of the job that held it last
+        self.jobs: dict[str, _Job] = {}  # job key → its driver's standing
         self.seq = 0
         self.refreshed = 0.0
         self.resting: dict[str, float] = {}  # name → when it may be looked up again

@@ -24,6 +24,9 @@ LORA_PREFIX_TE2 = "lora_te2"
 UNET_TARGET_BLOCKS = ("Transformer2DModel",)
 UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")  # only with network_args conv_dim
 TEXT_TARGET_BLOCKS = ("CLIPAttention", "CLIPMLP")
+# Not sd-scripts' set: only the attention projections (diffusers' examples' LoRA), the small
+# adapter the tiny test LoRAs and the benchmarks use, addressed by module-name suffix
+ATTENTION_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 NETWORK_MODULE = "networks.lora"
 BASE_MODEL_VERSION = "sdxl_base_v1-0"
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from farm.errors import ModelError
 from farm.files import publish_folder
 from farm.models.cache import farm_cache
+from farm.models.kohya import ATTENTION_LORA_TARGETS
 from farm.models.sdxl import SCHEDULER, quiet_libraries, write_clip_vocab
 
 TINY_MODEL = "tiny:sdxl"
@@ -47,7 +48,6 @@ _VAE = dict(
     layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64,
     scaling_factor=0.13025,
 )
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def cache_dir() -> Path:
@@ -100,7 +100,7 @@ def tiny_lora_state_dict(name: str, rank: int = 4):
     seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**_UNET)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS,
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(ATTENTION_LORA_TARGETS),
                                 init_lora_weights="gaussian"))
     with torch.no_grad():
         for param_name, param in unet.named_parameters():

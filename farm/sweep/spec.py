@@ -24,6 +24,9 @@ MAX_SPEC_BYTES = 4 << 20
 MAX_SPEC_NODES = 200_000
 MAX_SPEC_DEPTH = 40
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# A LoRA's strength, wherever it is written: here for axes and defaults, and in the plan for
+# `<lora:NAME:WEIGHT>` prompt tags (they also come from `replace` values and styles the spec never sees).
+MIN_STRENGTH, MAX_STRENGTH = 0, 2
 
 
 def _between(lo: float, hi: float):
@@ -74,7 +77,7 @@ def _seed(value: int) -> int:
 
 Steps = Annotated[int, _up_to(1, "STEPS", 500)]
 Cfg = Annotated[float, _between(0, 50)]
-Strength = Annotated[float, _between(0, 2)]
+Strength = Annotated[float, _between(MIN_STRENGTH, MAX_STRENGTH)]
 Side = Annotated[int, _up_to(64, "SIDE", 8192), AfterValidator(_multiple_of_8)]
 Seed = Annotated[int, AfterValidator(_seed)]
 SamplerName = Annotated[str, AfterValidator(_known_sampler)]
@@ -176,7 +179,8 @@ class Defaults(Strict):
 
 
 class Axes(Strict):
-    """Named value lists; the job renders their product. Order here is the nesting order."""
+    """Named value lists; the job renders their product. They nest in the order the spec lists them,
+    outermost first (axes built in code nest in the order of the fields here)."""
 
     prompt: Optional[list[Annotated[PromptPair, BeforeValidator(_prompt_item)]]] = None
     lora: Optional[list[Annotated[LoraChoice, BeforeValidator(_lora_item)]]] = None
@@ -229,6 +233,7 @@ class Axes(Strict):
         return names
 
     def values(self, name: str) -> list:
+        """The values of a built-in axis or of a `replace` axis."""
         if self.replace and name in self.replace:
             return self.replace[name]
         return getattr(self, name)
@@ -286,6 +291,8 @@ class RenderJob(Strict):
 
 
 def check_table(axes: Axes, zip_groups: list[list[str]], defaults: Defaults) -> None:
+    """What one table needs across its fields: zip groups of existing axes with equal lengths, a
+    LoRA for the strength axis to act on, and a prompt."""
     names = axes.names()
     seen: set[str] = set()
     for group in zip_groups:

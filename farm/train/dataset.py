@@ -16,7 +16,7 @@ Datasets come from users and over the network, so they are read under the farm's
 (artifacts.allowed_roots: a symlinked folder, image or caption is followed only into an allowed
 folder) and checked before any training starts: every image is decoded once (header, pixel limit,
 truncation), captions are UTF-8 and read as sd-scripts reads them (first line), repeats and epoch
-sizes are bounded. Each problem is a one-line SpecError naming the file. The limits are the
+sizes are bounded. Each problem is a one-line DatasetError naming the file. The limits are the
 farm's (environment of the head, like spec.py's `farm_limit`): SDFARM_MAX_REPEATS,
 SDFARM_MAX_EPOCH_IMAGES, SDFARM_MAX_IMAGE_PIXELS, SDFARM_MAX_CAPTION_BYTES.
 """
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from farm.errors import SpecError, first_line
+from farm.errors import DatasetError, first_line
 from farm.sweep.spec import MAX_SPEC_BYTES, farm_limit
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -65,7 +65,7 @@ def check_repeats(repeats, where: str) -> int:
     silently skips a subset below 1; here it is refused, as a typo would otherwise drop the folder."""
     limit = max_repeats()
     if isinstance(repeats, bool) or not isinstance(repeats, int) or not 1 <= repeats <= limit:
-        raise SpecError(f"{where}: repeats must be a whole number from 1 to {limit:,} "
+        raise DatasetError(f"{where}: repeats must be a whole number from 1 to {limit:,} "
                         f"(this farm's SDFARM_MAX_REPEATS), not {str(repeats)[:40]}")
     return repeats
 
@@ -205,12 +205,12 @@ class Dataset:
         except ZeroDivisionError:
             width = height = 0
         if width < 8 or height < 8:
-            raise SpecError(f"{item.path}: {item.width}x{item.height} has no bucket at these settings "
+            raise DatasetError(f"{item.path}: {item.width}x{item.height} has no bucket at these settings "
                             "(too small or too narrow)")
         scale = max(width / item.width, height / item.height)
         cover = max(width, round(item.width * scale)) * max(height, round(item.height * scale))
         if cover > max_image_pixels():
-            raise SpecError(f"{item.path}: {item.width}x{item.height} is too narrow: covering its {width}x{height} "
+            raise DatasetError(f"{item.path}: {item.width}x{item.height} is too narrow: covering its {width}x{height} "
                             f"bucket takes {cover:,} pixels, over this farm's SDFARM_MAX_IMAGE_PIXELS")
         return (width, height)
 
@@ -218,7 +218,8 @@ class Dataset:
         """Images per bucket in one epoch, repeats included (counted, never expanded)."""
         counts: Counter = Counter()
         seen: dict[tuple[int, int], tuple[int, int]] = {}
-        for item, count in [(i, i.subset.num_repeats) for i in self.instances] + list(zip(self.regs, self.reg_repeats())):
+        appearances = [(i, i.subset.num_repeats) for i in self.instances] + list(zip(self.regs, self.reg_repeats()))
+        for item, count in appearances:
             if count:
                 size = (item.width, item.height)
                 if size not in seen:
@@ -227,6 +228,7 @@ class Dataset:
         return dict(sorted(counts.items()))
 
     def bucketed(self) -> dict[tuple[int, int], list[ImageItem]]:
+        """One epoch's entries (repeats expanded) by bucket, buckets in sorted order."""
         buckets: dict[tuple[int, int], list[ImageItem]] = {}
         for item in self.epoch_entries():
             buckets.setdefault(self.buckets.bucket_for(item.width, item.height), []).append(item)
@@ -239,10 +241,10 @@ class Dataset:
         """What would make training impossible or unbounded, refused before it starts."""
         where = Path(self.subsets[0].image_dir).parent if self.subsets else "dataset"
         if not self.instances:
-            raise SpecError(f"{where}: no instance (non-reg) images to train on")
+            raise DatasetError(f"{where}: no instance (non-reg) images to train on")
         size, limit = self.epoch_size(), max_epoch_images()
         if size > limit:
-            raise SpecError(f"{where}: one epoch is {size:,} images × repeats, over this farm's "
+            raise DatasetError(f"{where}: one epoch is {size:,} images × repeats, over this farm's "
                             f"{limit:,} (SDFARM_MAX_EPOCH_IMAGES)")
 
     def epoch_batches(self, seed: int, epoch: int) -> list[list[ImageItem]]:
@@ -272,7 +274,7 @@ def _inside(path: Path, base: Optional[Path]) -> Path:
     """`path` resolved, refused unless it lies in the folders jobs may read (see artifacts)."""
     from farm.models.artifacts import inside_roots
 
-    return inside_roots(path, base if base is not None else path.parent, SpecError)
+    return inside_roots(path, base if base is not None else path.parent, DatasetError)
 
 
 def read_caption(image: Path, subset: Subset, base: Optional[Path] = None) -> str:
@@ -285,7 +287,7 @@ def read_caption(image: Path, subset: Subset, base: Optional[Path] = None) -> st
 
     extension = subset.caption_extension
     if "/" in extension or os.sep in extension or "\0" in extension:
-        raise SpecError(f"{subset.image_dir}: caption extension {extension!r} is not a file suffix")
+        raise DatasetError(f"{subset.image_dir}: caption extension {extension!r} is not a file suffix")
     sidecar = image.parent / (image.stem + extension)  # sd-scripts: splitext(image)[0] + extension
     if not os.path.lexists(sidecar):
         return subset.class_tokens
@@ -293,18 +295,21 @@ def read_caption(image: Path, subset: Subset, base: Optional[Path] = None) -> st
     if not path.is_file():  # a dangling link or a folder inside the roots: no caption, as in sd-scripts
         return subset.class_tokens
     limit = max_caption_bytes()
-    data = read_regular(path, limit, SpecError)
+    data = read_regular(path, limit, DatasetError)
     if len(data) > limit:
-        raise SpecError(f"{sidecar}: caption file over {limit:,} bytes (this farm's SDFARM_MAX_CAPTION_BYTES; "
+        raise DatasetError(f"{sidecar}: caption file over {limit:,} bytes (this farm's SDFARM_MAX_CAPTION_BYTES; "
                         "sd-scripts reads only its first line)")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SpecError(f"{sidecar}: caption is not UTF-8 text (byte {exc.start}); sd-scripts refuses it too") from None
+        raise DatasetError(f"{sidecar}: caption is not UTF-8 text (byte {exc.start}); "
+                           "sd-scripts refuses it too") from None
     return _LINE_END.split(text, maxsplit=1)[0].strip() or subset.class_tokens
 
 
 def list_images(folder: Path) -> list[Path]:
+    """A folder's images by suffix, sorted (hidden files skipped, as sd-scripts' glob skips them);
+    refused past SDFARM_MAX_EPOCH_IMAGES while listing, so a huge folder is never listed whole."""
     limit = max_epoch_images()
     images = []
     try:
@@ -314,9 +319,10 @@ def list_images(folder: Path) -> list[Path]:
                 if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
                     images.append(folder / name)
                     if len(images) > limit:
-                        raise SpecError(f"{folder}: more than {limit:,} images (this farm's SDFARM_MAX_EPOCH_IMAGES)")
+                        raise DatasetError(f"{folder}: more than {limit:,} images "
+                                           "(this farm's SDFARM_MAX_EPOCH_IMAGES)")
     except OSError as exc:
-        raise SpecError(f"{folder}: cannot list ({exc.strerror})") from None
+        raise DatasetError(f"{folder}: cannot list ({exc.strerror})") from None
     return sorted(images)
 
 
@@ -331,24 +337,24 @@ def scan_subsets(root: Path, is_reg: bool, caption_extension: str = ".txt", keep
     """kohya's folder convention: each sub-folder `<repeats>_<tokens>` is one subset. A symlinked
     sub-folder must point into the folders jobs may read (`base`: the spec's folder)."""
     if not root.is_dir():
-        raise SpecError(f"{root}: image folder not found")
+        raise DatasetError(f"{root}: image folder not found")
     try:
         folders = sorted(p for p in root.iterdir() if p.is_dir())
     except OSError as exc:
-        raise SpecError(f"{root}: cannot list ({exc.strerror})") from None
+        raise DatasetError(f"{root}: cannot list ({exc.strerror})") from None
     if len(folders) > max_epoch_images():
-        raise SpecError(f"{root}: more sub-folders than this farm's SDFARM_MAX_EPOCH_IMAGES")
+        raise DatasetError(f"{root}: more sub-folders than this farm's SDFARM_MAX_EPOCH_IMAGES")
     subsets = []
     for folder in folders:
         match = _FOLDER.match(folder.name)
         if not match:
-            raise SpecError(f"{folder}: kohya folders are named '<repeats>_<token> <class>', e.g. '9_w0ut3r man'")
+            raise DatasetError(f"{folder}: kohya folders are named '<repeats>_<token> <class>', e.g. '9_w0ut3r man'")
         repeats = _repeats_of(folder, match[1])
         _inside(folder, base if base is not None else root)
         subsets.append(Subset(image_dir=str(folder), num_repeats=repeats, class_tokens=match[2].strip(),
                               is_reg=is_reg, caption_extension=caption_extension, keep_tokens=keep_tokens))
     if not subsets:
-        raise SpecError(f"{root}: no '<repeats>_<token> <class>' sub-folders")
+        raise DatasetError(f"{root}: no '<repeats>_<token> <class>' sub-folders")
     return subsets
 
 
@@ -366,25 +372,25 @@ def check_image(path: Path) -> tuple[int, int]:
         return _CHECKED[stamp]
     over = f"over this farm's {limit:,}-pixel limit (SDFARM_MAX_IMAGE_PIXELS; a decompression bomb?)"
     try:
-        with open_regular(path, SpecError) as handle, warnings.catch_warnings():
+        with open_regular(path, DatasetError) as handle, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(handle, formats=_PIL_FORMATS) as image:
                 width, height = image.size
                 if width < 1 or height < 1:
-                    raise SpecError(f"{path}: {width}x{height} is not an image size")
+                    raise DatasetError(f"{path}: {width}x{height} is not an image size")
                 if width * height > limit:
-                    raise SpecError(f"{path}: {width}x{height} is {over}")
+                    raise DatasetError(f"{path}: {width}x{height} is {over}")
                 if image.format == "JPEG":
                     image.draft(None, (max(1, width // 8), max(1, height // 8)))
                 image.load()
-    except SpecError:
+    except DatasetError:
         raise
     except Image.DecompressionBombError:
-        raise SpecError(f"{path}: {over}") from None
+        raise DatasetError(f"{path}: {over}") from None
     except UnidentifiedImageError:
-        raise SpecError(f"{path}: not a PNG, JPEG, WebP or BMP image") from None
+        raise DatasetError(f"{path}: not a PNG, JPEG, WebP or BMP image") from None
     except Exception as exc:  # Pillow raises many types on hostile bytes; each means "unusable image"
-        raise SpecError(f"{path}: not a readable image ({type(exc).__name__}: {first_line(exc, 160)})") from None
+        raise DatasetError(f"{path}: not a readable image ({type(exc).__name__}: {first_line(exc, 160)})") from None
     if stamp is not None:
         if len(_CHECKED) >= 1 << 20:
             _CHECKED.clear()
@@ -413,14 +419,14 @@ def load_items(subsets: list[Subset], base: Optional[Path] = None) -> list[Image
     for subset in subsets:
         folder = Path(subset.image_dir)
         if not folder.is_dir():
-            raise SpecError(f"{subset.image_dir}: image folder not found")
+            raise DatasetError(f"{subset.image_dir}: image folder not found")
         folder_base = base if base is not None else folder
         _inside(folder, folder_base)
         images = list_images(folder)
         if not images:
-            raise SpecError(f"{subset.image_dir}: no images")
+            raise DatasetError(f"{subset.image_dir}: no images")
         if len(items) + len(images) > limit:
-            raise SpecError(f"{subset.image_dir}: the dataset has more than {limit:,} images "
+            raise DatasetError(f"{subset.image_dir}: the dataset has more than {limit:,} images "
                             "(this farm's SDFARM_MAX_EPOCH_IMAGES)")
         for image in images:
             width, height = check_image(_inside(image, folder_base))
@@ -431,15 +437,6 @@ def load_items(subsets: list[Subset], base: Optional[Path] = None) -> list[Image
 _TOML_GENERAL = {"resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
                  "bucket_reso_steps", "bucket_no_upscale", "caption_extension", "keep_tokens"}
 _TOML_SUBSET = {"image_dir", "num_repeats", "class_tokens", "is_reg", "caption_extension", "keep_tokens"}
-
-
-def _resolution(value) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        return (int(value[0]), int(value[1]))
-    width, _, height = str(value).partition(",")
-    return (int(width), int(height or width))
 
 
 def _whole(lo: int, hi: int):
@@ -491,7 +488,7 @@ def _toml_value(path: Path, where: str, key: str, value):
     try:
         return _TOML_CHECKS[key](value)
     except ValueError as exc:
-        raise SpecError(f"{path}: {where}.{key}: {exc}") from None
+        raise DatasetError(f"{path}: {where}.{key}: {exc}") from None
 
 
 def load_dataset_toml(path: Path, base: Optional[Path] = None) -> tuple[list[Subset], dict]:
@@ -501,55 +498,55 @@ def load_dataset_toml(path: Path, base: Optional[Path] = None) -> tuple[list[Sub
     from farm.models.artifacts import read_regular
 
     path = _inside(path, base)
-    data = read_regular(path, MAX_SPEC_BYTES, SpecError)
+    data = read_regular(path, MAX_SPEC_BYTES, DatasetError)
     if len(data) > MAX_SPEC_BYTES:
-        raise SpecError(f"{path}: a dataset TOML is at most {MAX_SPEC_BYTES >> 20} MB")
+        raise DatasetError(f"{path}: a dataset TOML is at most {MAX_SPEC_BYTES >> 20} MB")
     try:
         config = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise SpecError(f"{path}: cannot read dataset TOML: not UTF-8 (byte {exc.start})") from None
+        raise DatasetError(f"{path}: cannot read dataset TOML: not UTF-8 (byte {exc.start})") from None
     except (ValueError, RecursionError) as exc:  # TOMLDecodeError is a ValueError; so is a 5,000-digit int
-        raise SpecError(f"{path}: cannot read dataset TOML: {first_line(exc, 200)}") from None
+        raise DatasetError(f"{path}: cannot read dataset TOML: {first_line(exc, 200)}") from None
     unknown = set(config) - {"general", "datasets"}
     if unknown:
-        raise SpecError(f"{path}: {sorted(unknown)[0]}: not supported in dataset TOML")
+        raise DatasetError(f"{path}: {sorted(unknown)[0]}: not supported in dataset TOML")
     general = config.get("general", {})
     datasets = config.get("datasets", [])
     if not isinstance(general, dict):
-        raise SpecError(f"{path}: general: must be a table")
+        raise DatasetError(f"{path}: general: must be a table")
     if not isinstance(datasets, list) or len(datasets) != 1 or not isinstance(datasets[0], dict):
-        raise SpecError(f"{path}: datasets: exactly one [[datasets]] table is supported")
+        raise DatasetError(f"{path}: datasets: exactly one [[datasets]] table is supported")
     dataset = dict(datasets[0])
     raw_subsets = dataset.pop("subsets", [])
     settings = {**general, **dataset}
     for key in settings:
         if key not in _TOML_GENERAL:
-            raise SpecError(f"{path}: datasets.{key}: not supported (supported: {', '.join(sorted(_TOML_GENERAL))})")
+            raise DatasetError(f"{path}: datasets.{key}: not supported (supported: {', '.join(sorted(_TOML_GENERAL))})")
         settings[key] = _toml_value(path, "datasets", key, settings[key])
     if not isinstance(raw_subsets, list) or not all(isinstance(raw, dict) for raw in raw_subsets):
-        raise SpecError(f"{path}: datasets.subsets: must be [[datasets.subsets]] tables")
+        raise DatasetError(f"{path}: datasets.subsets: must be [[datasets.subsets]] tables")
     if len(raw_subsets) > max_epoch_images():
-        raise SpecError(f"{path}: datasets.subsets: more than this farm's SDFARM_MAX_EPOCH_IMAGES")
+        raise DatasetError(f"{path}: datasets.subsets: more than this farm's SDFARM_MAX_EPOCH_IMAGES")
     subsets = []
     for index, raw in enumerate(raw_subsets):
         where = f"datasets.subsets[{index}]"
         for key in raw:
             if key not in _TOML_SUBSET:
-                raise SpecError(f"{path}: {where}.{key}: not supported")
+                raise DatasetError(f"{path}: {where}.{key}: not supported")
         if "image_dir" not in raw:
-            raise SpecError(f"{path}: {where}.image_dir: required")
+            raise DatasetError(f"{path}: {where}.image_dir: required")
         raw = {key: _toml_value(path, where, key, value) for key, value in raw.items()}
         try:
             image_dir = data_path(raw["image_dir"], path.parent, base)
-        except SpecError as exc:
-            raise SpecError(f"{path}: {where}.image_dir: {exc}") from None
+        except DatasetError as exc:
+            raise DatasetError(f"{path}: {where}.image_dir: {exc}") from None
         subsets.append(Subset(
             image_dir=str(image_dir), num_repeats=raw.get("num_repeats", 1),
             class_tokens=raw.get("class_tokens", ""), is_reg=raw.get("is_reg", False),
             caption_extension=raw.get("caption_extension", settings.get("caption_extension", ".caption")),
             keep_tokens=raw.get("keep_tokens", settings.get("keep_tokens", 0))))
     if not any(not subset.is_reg for subset in subsets):
-        raise SpecError(f"{path}: datasets.subsets: no instance (is_reg = false) subset to train on")
+        raise DatasetError(f"{path}: datasets.subsets: no instance (is_reg = false) subset to train on")
     return subsets, settings
 
 
@@ -604,8 +601,8 @@ def data_path(reference: str, base: Path, roots_base: Optional[Path] = None) -> 
     roots_base = roots_base if roots_base is not None else base
     if reference.startswith(TINY_SUBJECT):
         return inside_roots(resolve_tiny(TINY_SUBJECT) / reference[len(TINY_SUBJECT):].lstrip("/"), roots_base,
-                            SpecError)
-    return inside_roots(base / reference, roots_base, SpecError)
+                            DatasetError)
+    return inside_roots(base / reference, roots_base, DatasetError)
 
 
 def dataset_for(options, base: Path) -> Dataset:

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from farm.models.artifacts import resolve_model
-from farm.train.dataset import StepMath, dataset_for, step_math
 from farm.errors import FarmError
+from farm.models.artifacts import resolve_model
 from farm.sweep.plan import Plan, plan_job
-from farm.train.regularization import GENERATED, planned_reg_items
 from farm.sweep.spec import RenderJob, TrainJob
-from farm.train.trainer import TrainRun, planned_checkpoints
+from farm.train.checkpoints import planned_checkpoints
+from farm.train.dataset import StepMath, dataset_for, step_math
+from farm.train.regularization import GENERATED, planned_reg_items
+from farm.train.trainer import TrainRun
 
 
 @dataclass
@@ -31,14 +32,16 @@ class Study:
     run_dir: Path
 
     def model_path(self, plan_only: bool = False) -> str:
+        """The base model's path; with `plan_only`, the spec's reference when it cannot be resolved."""
         try:
             return str(resolve_model(self.job.model, self.spec_dir))
         except FarmError as exc:
             if plan_only:  # planning needs no weights: step math and counts come from the data
                 return self.job.model
-            raise FarmError(f"{self.source}: model: {exc}") from None
+            raise _in_spec(exc, f"{self.source}: model") from None
 
-    def runs(self, reg_folders: dict[str, Path] | None = None, plan_only: bool = False) -> list[tuple[TrainRun, StepMath]]:
+    def runs(self, reg_folders: dict[str, Path] | None = None,
+             plan_only: bool = False) -> list[tuple[TrainRun, StepMath]]:
         """Each variant as a TrainRun with its step math. Variants whose `reg_data_dir` is
         `generated:NAME` train on `reg_folders[NAME]`; before those exist (planning), stand-ins
         of the planned images fix the math."""
@@ -58,7 +61,7 @@ class Study:
                         options = options.model_copy(update={"reg_data_dir": str(reg_folders[generated])})
                     dataset = dataset_for(options, self.spec_dir)
             except FarmError as exc:
-                raise FarmError(f"{self.source}: variants.{name}: {exc}") from None
+                raise _in_spec(exc, f"{self.source}: variants.{name}") from None
             maths = step_math(dataset, options.gradient_accumulation_steps, options.max_train_epochs,
                               options.max_train_steps)
             run = TrainRun(run=name, model_path=model_path, model_name=self.job.model, options=options,
@@ -93,21 +96,26 @@ class Study:
         return lines
 
 
+def _in_spec(exc: FarmError, where: str) -> FarmError:
+    """The same kind of error (a DatasetError stays one), its message led by where in the spec it arose."""
+    return type(exc)(f"{where}: {exc}")
+
+
 def evaluation_cells(job: RenderJob, checkpoints_per_run: dict[str, int], spec_dir: Path) -> dict[str, int]:
     """Grid cells per sweep before any checkpoint exists: the product of the axis lengths, where a
     `{run: v002}` value counts as that run's planned checkpoints and style `*` as every style."""
-    from farm.sweep.plan import Expander
+    from farm.sweep.plan import StyleAxis
 
     counts = {}
     for sweep, table in job.sweep_jobs():
         axes, zipped = table.axes, {name for group in table.zip for name in group}
 
-        def length(name: str) -> int:
+        def length(name: str, axes=axes, table=table) -> int:
             values = axes.values(name)
             if name in ("lora", "model"):
                 return sum(_run_values(value, checkpoints_per_run) for value in values)
             if name == "style":
-                return len(Expander(table, spec_dir, "evaluate", None).style_values())
+                return len(StyleAxis(table, spec_dir, "evaluate").names())
             return len(values)
 
         factors = [length(name) for name in axes.names() if name not in zipped]
@@ -134,6 +142,8 @@ class Evaluation:
     last: Plan | None = None
 
     def replan(self, checkpoints: dict[str, list[tuple[int, str, str]]]) -> list:
+        """Every evaluation task for the checkpoints written so far (run → (epoch, label, path)
+        triples); the dispatcher queues only the tasks it has not seen."""
         if self.job is None:
             return []
         self.last = plan_job(self.job, self.spec_dir, self.source, self.seeds, checkpoints=checkpoints)
