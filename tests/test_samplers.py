@@ -118,3 +118,39 @@ def test_sampler_names_are_checked_without_torch():
     code = ("import sys, farm.sweep.samplers as s; s.resolve_sampler('DPM++ 2M Karras'); "
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _readme_sampler_rows() -> list[tuple[list[str], str]]:
+    """(names users type, what runs) for each row of the README's Samplers table."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = text[text.index("| you type (ComfyUI / A1111) |"):].split("\n\n")[0].splitlines()[2:]
+    rows = []
+    for line in table:
+        typed, runs = line.split("|")[1:3]
+        rows.append((re.findall(r"`([^`]+)`", typed), runs))
+    return rows
+
+
+def test_the_readme_sampler_table_is_what_runs():
+    rows = _readme_sampler_rows()
+    assert len(rows) >= 14
+    refused = [names for names, runs in rows if "refused" in runs]
+    assert len(refused) == 1
+    for names, runs in rows:
+        for name in names:
+            if name.endswith("…"):
+                continue
+            if "refused" in runs:
+                spelled = name if name in ("kl_optimal", "polyexponential", "align_your_steps") else None
+                with pytest.raises(SamplerError, match="is not supported"):
+                    resolve_sampler(f"euler_{spelled}" if spelled else name)
+                continue
+            key = resolve_sampler(name).key
+            if "as above" in runs:  # the GPU-noise variants of the SDE samplers
+                assert key == fold(name) and key.endswith("_gpu")
+            elif key in ("ddim", "lcm"):  # ComfyUI's own, no k-diffusion function of that name
+                assert "ComfyUI's" in runs
+            else:
+                assert "sample_" + key.removesuffix("_heun") in runs, (name, key, runs)
