@@ -4,6 +4,7 @@ and the dashboard (Jobs API) on 127.0.0.1. Every process it starts is stopped by
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,6 +58,44 @@ def kill_marked(mark: bytes, sig=signal.SIGKILL, wait: float = 5.0) -> None:
         time.sleep(0.2)
 
 
+def raw_rows(run_root: Path) -> list[dict]:
+    """Every row of every manifest part file of a run folder, as written: before `RunFolder.read()`
+    folds them to one per task."""
+    import pyarrow.parquet as pq
+
+    from farm.runs.manifest import SCHEMA, RunFolder
+
+    return [row for part in RunFolder(run_root).parts() for row in pq.read_table(part, schema=SCHEMA).to_pylist()]
+
+
+def assert_exactly_once(run_root: Path, task_ids, failed_first: bool = False) -> list[dict]:
+    """The raw manifest holds exactly one `ok` row for each of `task_ids` (an iterable, or a count;
+    None: whichever tasks have one) and no row of any other task. `failed_first`: a task may also
+    have `failed` rows (from a run that failed it before it was resumed), never a second `ok` one.
+    Returns the `ok` rows."""
+    rows = raw_rows(run_root)
+    ok = [row for row in rows if row["status"] == "ok"]
+    ids = [row["task_id"] for row in ok]
+    duplicated = sorted({i for i in ids if ids.count(i) > 1})
+    assert not duplicated, f"{len(duplicated)} tasks have more than one ok row: {duplicated[:3]}"
+    if isinstance(task_ids, int):
+        assert len(ids) == task_ids, f"{len(ids)} ok rows, expected {task_ids}"
+    elif task_ids is not None:
+        assert sorted(ids) == sorted(set(task_ids)), "the ok rows are not the planned tasks"
+    others = [row for row in rows if row["status"] != "ok"]
+    if failed_first:
+        assert {row["task_id"] for row in others} <= set(ids), "a failed row of a task that never succeeded"
+    else:
+        assert not others, f"{len(others)} rows are not ok: {others[0]['error']}"
+    return ok
+
+
+def worker_nodes(rows: list[dict]) -> set[str]:
+    """The Ray node ids (first 8 hex digits) that rendered `rows`: workers are named
+    `worker:gpu0@host/<node id[:8]>`."""
+    return {row["worker"].rsplit("/", 1)[1] for row in rows}
+
+
 class LocalCluster:
     def __init__(self, root: Path, farm_cache: Path):
         self.root = root
@@ -78,6 +118,7 @@ class LocalCluster:
         }
         self.env.pop("RAY_ADDRESS", None)
         self.nodes: list[dict] = []
+        self.ids: dict[str, str] = {}  # node name → Ray node id, also of nodes that left
 
     @property
     def address(self) -> str:
@@ -110,6 +151,7 @@ class LocalCluster:
                          f"--num-gpus={gpus}", f"--num-cpus={cpus}", "--disable-usage-stats"],
                         {**self.env, **(env or {})})
         self.nodes.append({"name": "head"})
+        self.ids["head"] = self._node_id("head")
 
     def add_node(self, gpus: int = 1, cpus: int = 1, name: str | None = None) -> dict:
         """Another raylet joining the head; its own ports, its own node cache (no shared disk)."""
@@ -120,7 +162,29 @@ class LocalCluster:
                          f"--num-gpus={gpus}", f"--num-cpus={cpus}", f"--resources={{\"{name}\": 1}}"], env)
         node = {"name": name, "cache": cache}
         self.nodes.append(node)
+        self.ids[name] = self._node_id(name)
         return node
+
+    def _node_id(self, name: str) -> str:
+        """The Ray node id of the node just started, from the head's state API: the head is the
+        head node, any other one holds the custom resource named after it."""
+        def lookup():
+            request = urllib.request.Request(f"{self.dashboard}/api/v0/nodes?limit=1000",
+                                             headers={"Authorization": f"Bearer {self.token}"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    nodes = json.load(answer)["data"]["result"]["result"]
+            except OSError:  # the dashboard is still starting
+                return None
+            return next((n["node_id"] for n in nodes if n["state"] == "ALIVE" and (
+                n["is_head_node"] if name == "head" else name in n.get("resources_total", {}))), None)
+
+        return self.wait_for(lookup, timeout=60, what=f"node {name} in the state API")
+
+    def node_id(self, name: str) -> str:
+        """First 8 hex digits of a node's Ray id (also after it left), as worker names and
+        checkpoints carry it."""
+        return self.ids[name][:8]
 
     def remove_node(self, name: str) -> None:
         """The node's machine is gone: kill -9 every process of it (raylet, workers, agents)."""

@@ -63,7 +63,8 @@ class GpuWorker:
             torch.set_num_threads(options.threads or 1)
             options = replace(options, threads=options.threads or 1)
         self.options = options
-        self.name = f"worker:{self.slot}@{self.node}"
+        # the Ray node id tells apart nodes that share a host name (and shows which node did what)
+        self.name = f"worker:{self.slot}@{self.node}/{self.node_id[:8]}"
         self.renderer = self._new_renderer()
         self.counters = {"pipeline_loads": 0, "lora_loads": 0, "fetched": 0, "rendered": 0, "failed": 0, "trained": 0}
 
@@ -128,7 +129,7 @@ class GpuWorker:
         on_step = lambda step, loss, seconds: record_train_step(run.run, self.node, loss, seconds)  # noqa: E731
         try:
             for checkpoint in train_run(run, self.options.device, on_step=on_step, pipeline=self.options):
-                yield replace(checkpoint, node=self.node)
+                yield replace(checkpoint, node=f"{self.node}/{self.node_id[:8]}")
         finally:
             release()
         self.counters["trained"] += 1

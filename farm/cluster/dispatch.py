@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # the trainer is imported only by a worker that trains
 
 MAX_ATTEMPTS = 3  # different workers a task may fail or be lost on; worker deaths that fail a training run
 MAX_LOSSES = 20  # a task lost this many times in all kills every worker it touches: it fails
-COLD_FACTOR = 3  # a worker's first chunk may take this many timeouts (it loads its pipeline)
+COLD_FACTOR = 3  # a worker process's first chunk may take this many timeouts (it loads its pipeline)
 BLOCK_AFTER = 3  # a worker that fails this many of a job's tasks gets no more of them (Flamenco's rule)
 # a worker that died, or can no longer exist (its node left): its work goes to another
 WORKER_GONE = (RayActorError, ActorUnschedulableError)
@@ -253,7 +253,7 @@ class _Driver:
         self.worker_deaths: dict[str, int] = {}  # run name → workers that died under it
         self.load: dict = {}  # worker → chunks in flight
         self.sent: dict = {}  # worker → tasks sent to its current process (for recycle_after)
-        self.rendered: dict = {}  # worker → tasks of chunks it answered since recycled (0: still cold)
+        self.warm: set = set()  # workers whose current process answered a chunk (else: starting, loading)
         self.busy_since: dict = {}  # worker → when its oldest chunk in flight started (roughly)
         self.failures: dict = {}  # worker → tasks of this job it failed (for BLOCK_AFTER)
 
@@ -312,7 +312,8 @@ class _Driver:
         if self.load.get(key) or not (self.feed.queue or self.waiting_runs):
             return False
         self.pool.recycle(key)
-        self.sent[key] = self.rendered[key] = 0
+        self.sent[key] = 0
+        self.warm.discard(key)
         return key in self.pool.usable()  # a shared pool's worker comes back when the keeper has replaced it
 
     def _start_training(self, key) -> None:
@@ -347,6 +348,7 @@ class _Driver:
         except StopIteration:
             self._end_training(generator, key)
         except WORKER_GONE as exc:  # the worker died mid-run: resume from its saved state
+            self.warm.discard(key)  # a restarted process starts cold
             self._end_training(generator, key)
             self._resume_elsewhere(train_run, exc)
         except RayTaskError as exc:  # the run itself failed (bad data, bad options): others go on
@@ -377,7 +379,6 @@ class _Driver:
         key, chunk = self.renders.pop(ref)
         self.load[key] -= 1
         self.busy_since[key] = time.monotonic()
-        self.rendered[key] = self.rendered.get(key, 0) + len(chunk)
         for result in self._results(ref, key, chunk):
             if result.status == "failed" and result.retryable and self.feed.retry_elsewhere(result, key):
                 if self._count_failure(key):
@@ -387,18 +388,22 @@ class _Driver:
 
     def _results(self, ref, key, chunk: list[Task]) -> list[RenderResult]:
         try:
-            return ray.get(ref)
+            results = ray.get(ref)
         except WORKER_GONE as exc:
             self._worker_lost(key, chunk, exc)
             return []
         except RayTaskError as exc:  # the worker itself broke on this chunk: fail its tasks, go on
+            self.warm.add(key)
             return [RenderResult(task=t, status="failed", error=first_line(exc.cause or exc)) for t in chunk]
+        self.warm.add(key)  # its process has answered: it has started and loaded
+        return results
 
     # --- failing workers ------------------------------------------------------------------------
 
     def _worker_lost(self, key, chunk: list[Task], exc: Exception) -> None:
         """The worker died or its node left with `chunk` in flight: the chunk goes back in the
-        queue, and the worker gets nothing more (a restarted one comes back through the pool)."""
+        queue, and the worker gets nothing more (a restarted one comes back through the pool, cold)."""
+        self.warm.discard(key)
         self.feed.requeue_lost(chunk, key, exc)
         if key in self.pool.handles:
             self.pool.lost(key)
@@ -415,16 +420,18 @@ class _Driver:
     def _stop_overdue(self) -> None:
         """Kill workers stuck on a chunk (a hung driver call, a deadlocked GPU): Ray restarts them,
         and the chunk's tasks come back through the lost-worker path, to any live worker. A worker
-        that has not finished a chunk yet gets COLD_FACTOR times longer: it loads its pipeline first."""
+        process that has not answered a chunk yet (new, recycled, or restarted after a death or a
+        timeout) gets COLD_FACTOR times longer: it starts and loads its pipeline first."""
         now = time.monotonic()
         oldest: dict = {}  # worker → its oldest chunk in flight (renders keep the order they were sent in)
         for key, chunk in self.renders.values():
             oldest.setdefault(key, chunk)
         for key, chunk in oldest.items():
-            allowed = self.task_timeout_s * len(chunk) * (1 if self.rendered.get(key) else COLD_FACTOR)
+            allowed = self.task_timeout_s * len(chunk) * (1 if key in self.warm else COLD_FACTOR)
             if now - self.busy_since.get(key, now) > allowed:
                 self.feed.bar.write(f"worker {key}: no answer in {allowed:.0f} s; restarting it")
                 ray.kill(self.pool.handles[key], no_restart=False)
+                self.warm.discard(key)  # Ray restarts it: a fresh process, cold again
                 self.busy_since[key] = now  # once per timeout
                 self._count_failure(key)
 
