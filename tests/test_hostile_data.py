@@ -456,10 +456,20 @@ def test_the_reported_cases(tmp_path_factory, monkeypatch):
         path.write_text(yaml.safe_dump(spec))
         monkeypatch.setenv("SDFARM_ROOTS", str(world.spec_dir))
         stderr = io.StringIO()
-        with redirect_stdout(io.StringIO()), redirect_stderr(stderr):
-            code = main(["plan", str(path), "--out", str(world.root / "out")])
+        _OPENED.clear()
+        _RECORDING[0] = True
+        try:
+            with redirect_stdout(io.StringIO()), redirect_stderr(stderr):
+                code = main(["plan", str(path), "--out", str(world.root / "out")])
+        finally:
+            _RECORDING[0] = False
         err = stderr.getvalue()
         assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, (case, err)
+        # refused before reading: nothing outside the roots opened (the link targets included)
+        outside = [p for p in _OPENED if not Path(p).resolve().is_relative_to(world.spec_dir.resolve())
+                   and (Path(p).resolve().is_relative_to(world.outside.resolve()) or p.startswith("/etc"))]
+        assert not outside, (case, outside)
+        assert any(Path(p).resolve().is_relative_to(world.spec_dir.resolve()) for p in _OPENED), case  # hook on
         named = str(folder / ("000.txt" if case in ("caption-passwd", "not-utf8", "five-mb-caption") else
                               "001.jpg" if case == "truncated-jpeg" else "001.png"))
         assert named in err, (case, err)

@@ -354,3 +354,31 @@ def test_a_shared_worker_takes_on_each_jobs_pipeline_options(lora_dir):
     worker._take_options(source.options)
     assert old() is None and worker.counters["pipeline_loads"] == 1
     assert worker.renderer.render(task).status == "ok" and worker.renderer.pipe.unet.dtype == torch.bfloat16
+
+
+def test_run_flags_are_floors_the_worker_applies(gpu_of, tiny_model, lora_dir):
+    """`farm run --cpu-offload model --vae-tiling --device cpu --dtype fp32`: the options a worker gets
+    from the command line, and "the least the plan uses": on a card where everything would fit
+    resident, the renderer still offloads and tiles; without the flags it does neither."""
+    from dataclasses import replace
+
+    from farm.cli import _pipeline_options, build_parser
+
+    task = tasks_for(lora_dir, {"seed": [4]})[0]
+    gpu_of(64)  # SDXL-sized, 64 GiB free: resident and untiled unless told otherwise
+
+    def renderer_for(*flags):
+        options = _pipeline_options(build_parser().parse_args(["run", "job.yaml", *flags]))
+        return Renderer(replace(options, threads=1))
+
+    plain = renderer_for("--device", "cpu")
+    assert plain.render(task).status == "ok"
+    assert (plain.memory_plan.offload, plain.memory_plan.vae_tiling) == ("none", False)
+    assert not plain.pipe.vae.use_tiling and not hasattr(plain.pipe.unet, "_hf_hook")
+    floors = renderer_for("--cpu-offload", "model", "--vae-tiling", "--device", "cpu", "--dtype", "fp32")
+    result = floors.render(task)
+    assert result.status == "ok", result.error
+    assert floors.device == "cpu" and floors.pipe.unet.dtype == torch.float32
+    assert (floors.memory_plan.offload, floors.memory_plan.vae_tiling) == ("model", True)
+    assert floors.pipe.vae.use_tiling and hasattr(floors.pipe.unet, "_hf_hook")
+    assert "memory plan: model CPU offload" in result.notes
