@@ -110,8 +110,6 @@ def test_a_path_payload_is_refused_or_stays_inside(payload, jobs_folder, farm_ca
                 where, error)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a `styles:` path outside the allowed folders is accepted (never "
-                   "resolved) when no style is looked up; README: every path a spec names must lie in them")
 def test_a_styles_path_outside_the_roots_is_refused_even_when_unused(jobs_folder, farm_cache):
     spec = {"job": "x", "model": "tiny:sdxl", "styles": "../outside/x.csv", "defaults": {"prompt": "a"},
             "axes": {"style": ["none"]}}

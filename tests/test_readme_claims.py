@@ -235,8 +235,6 @@ def trained_folder(tiny_model, tmp_path):
     return tmp_path
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a training run's fingerprint holds the spec's model name, not its "
-                   "content hash (farm/train/resume.py fingerprint), so new weights under the same name resume")
 def test_a_run_folder_whose_model_changed_is_refused(trained_folder):
     """README "Training jobs": "a variant whose options, images or model changed refuses the old folder"."""
     from safetensors.torch import load_file, save_file
@@ -252,8 +250,6 @@ def test_a_run_folder_whose_model_changed_is_refused(trained_folder):
         _train_once(trained_folder, "base")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a training run's fingerprint holds image paths and captions, not "
-                   "image content (farm/train/resume.py fingerprint), so new pixels under the same names resume")
 def test_a_run_folder_whose_images_changed_is_refused(trained_folder):
     from PIL import Image
 

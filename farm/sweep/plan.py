@@ -238,6 +238,14 @@ class StyleAxis:
     def __init__(self, job: RenderJob, spec_dir: Path, source: str):
         self.job, self.spec_dir, self.source = job, spec_dir, source
         self._table: dict[str, tuple[str, str]] | None = None
+        if job.styles:  # every path a spec names lies in the allowed folders, used or not
+            self._path()
+
+    def _path(self) -> Path:
+        try:
+            return inside_roots(self.spec_dir / self.job.styles, self.spec_dir)
+        except FarmError as exc:
+            raise spec_error(self.source, "styles", str(exc)) from None
 
     def table(self) -> dict[str, tuple[str, str]]:
         """name → (prompt, negative_prompt)."""
@@ -263,8 +271,8 @@ class StyleAxis:
         def fail(message: str) -> SpecError:
             return spec_error(self.source, "styles", message)
 
+        path = self._path()
         try:
-            path = inside_roots(self.spec_dir / self.job.styles, self.spec_dir)
             data = read_regular(path, MAX_SPEC_BYTES, SpecError)
         except FarmError as exc:
             raise fail(str(exc)) from None

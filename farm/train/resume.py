@@ -15,6 +15,7 @@ from pathlib import Path
 
 from farm.errors import TrainError
 from farm.files import replacing, write_atomic
+from farm.models.artifacts import HashCache
 from farm.sweep.spec import TrainOptions
 from farm.train.dataset import Dataset
 from farm.train.model import TrainingModel
@@ -40,10 +41,15 @@ class Position:
         return cls(epoch=1, step=0, batch_in_epoch=0, started_at=datetime.now(timezone.utc))
 
 
-def fingerprint(model_name: str, options: TrainOptions, dataset: Dataset) -> str:
-    """What determines a run's weights: model, options, images and captions."""
-    items = [(i.path, i.caption, i.subset.num_repeats, i.subset.is_reg) for i in dataset.items]
-    payload = json.dumps([TRAINER_VERSION, model_name, options.model_dump(mode="json"), items], sort_keys=True)
+def fingerprint(model_path: Path, options: TrainOptions, dataset: Dataset) -> str:
+    """What determines a run's weights: the model's and the images' content (not their names: new
+    weights or pixels under the same names must not resume an old run), options and captions.
+    Hashes come from the farm's hash cache, so a resumed run does not read the model again."""
+    hashes = HashCache()
+    items = [(hashes.file(Path(i.path)), i.caption, i.subset.num_repeats, i.subset.is_reg) for i in dataset.items]
+    payload = json.dumps([TRAINER_VERSION, hashes.model(model_path), options.model_dump(mode="json"), items],
+                         sort_keys=True)
+    hashes.save()
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

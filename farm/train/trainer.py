@@ -76,7 +76,7 @@ class Trainer:
 
     def fingerprint(self) -> str:
         """What determines this run's weights: model, options, images and captions."""
-        return fingerprint(self.model_name, self.options, self.dataset)
+        return fingerprint(self.model.model_path, self.options, self.dataset)
 
     def save_checkpoint(self, name: str, epoch: int, step: int, started_at: datetime, final: bool,
                         by_step: bool = False) -> Checkpoint:
