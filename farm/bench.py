@@ -402,6 +402,7 @@ def gpu_mode(model: str, device: str = "cuda", size: int = 1024, steps: int = 20
         cache.activate(loras[:1]), cache.activate(loras[1:])
         switches = [cache.activate(loras[i % 2: i % 2 + 1]) for i in range(20)]
     results["gpu_lora_switch_ms"] = statistics.median(switches) * 1000
+    results["gpu_lora_loads"] = cache.loads  # 22 switches between two LoRAs: each read from disk once
     if "gpu_plain_s_per_image" in results:
         results["gpu_farm_vs_plain"] = results["gpu_farm_s_per_image"] / results["gpu_plain_s_per_image"]
     return results

@@ -26,5 +26,6 @@ def test_gpu_mode_code_path_on_cpu(tiny_model):
     from farm.bench import gpu_mode
 
     result = gpu_mode(str(tiny_model), device="cpu", size=64, steps=2, repeats=1)
-    assert result["gpu_plain_s_per_image"] > 0 and result["gpu_farm_s_per_image"] > 0
-    assert result["gpu_lora_switch_ms"] > 0 and result["gpu_device"] == "cpu"
+    assert result["gpu_device"] == "cpu" and "gpu_memory_plan" not in result  # no VRAM to plan for on a CPU
+    # 22 switches between two LoRAs: each was read from disk once, the rest were cached switches
+    assert result["gpu_lora_loads"] == 2 and result["gpu_lora_switch_ms"] > 0
