@@ -46,6 +46,21 @@ def processes_marked(mark: bytes) -> list[int]:
     return found
 
 
+def processes_running(*args: str) -> list[int]:
+    """Processes (not this one) whose command line holds each of `args` as a whole argument, e.g. a
+    submitted job's driver: ("farm.cli", "--job-key", ID); a shell wrapping it holds one long argument."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if all(arg in argv for arg in args):
+                found.append(int(entry.name))
+    return found
+
+
 def kill_marked(mark: bytes, sig=signal.SIGKILL, wait: float = 5.0) -> None:
     """Send `sig` to every process marked so and wait (up to `wait` s) until they are gone."""
     for pid in processes_marked(mark):
@@ -153,14 +168,15 @@ class LocalCluster:
         self.nodes.append({"name": "head"})
         self.ids["head"] = self._node_id("head")
 
-    def add_node(self, gpus: int = 1, cpus: int = 1, name: str | None = None) -> dict:
-        """Another raylet joining the head; its own ports, its own node cache (no shared disk)."""
+    def add_node(self, gpus: int = 1, cpus: int = 1, name: str | None = None, env: dict | None = None) -> dict:
+        """Another raylet joining the head; its own ports, its own node cache (no shared disk).
+        `env`: more environment for the node (its raylet and so its workers), e.g. SDFARM_SHARED_ROOTS."""
         name = name or f"node{len(self.nodes)}"
         cache = self.root / f"{name}-cache"
-        env = {**self.env, "SDFARM_NODE_CACHE": str(cache), "SDFARM_TEST_NODE": name}
+        node_env = {**self.env, **(env or {}), "SDFARM_NODE_CACHE": str(cache), "SDFARM_TEST_NODE": name}
         self._ray_start([f"--address={self.address}", "--node-ip-address=127.0.0.1", *self._own_ports(),
-                         f"--num-gpus={gpus}", f"--num-cpus={cpus}", f"--resources={{\"{name}\": 1}}"], env)
-        node = {"name": name, "cache": cache}
+                         f"--num-gpus={gpus}", f"--num-cpus={cpus}", f"--resources={{\"{name}\": 1}}"], node_env)
+        node = {"name": name, "cache": cache, "env": dict(env or {})}
         self.nodes.append(node)
         self.ids[name] = self._node_id(name)
         return node

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import signal
+import time
 import urllib.error
 import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -15,7 +20,7 @@ import pytest
 from farm.cluster.dispatch import BLOCK_AFTER
 from farm.runs.manifest import RunFolder
 
-from local_cluster import assert_exactly_once, local_cluster, worker_nodes
+from local_cluster import assert_exactly_once, local_cluster, processes_running, worker_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -24,15 +29,20 @@ pytestmark = pytest.mark.slow
 def service(farm_cache, tiny_model):
     with local_cluster(farm_cache, "sdfarm-svc-") as cluster:
         cluster.start_head(gpus=1, cpus=2)
-        cluster.add_node(gpus=1, cpus=1)
+        # the second node sees one folder of the head's as shared (SDFARM_SHARED_ROOTS); only
+        # test_a_lora_under_a_shared_root_... puts files there, every other LoRA is fetched
+        shared = cluster.root / "shared"
+        shared.mkdir()
+        cluster.add_node(gpus=1, cpus=1, env={"SDFARM_SHARED_ROOTS": str(shared)})
         yield cluster
 
 
-def write_job(folder, name: str, loras: list, seeds: int, first_seed: int = 1, steps: int = 2):
-    spec = {"job": name, "model": "tiny:sdxl",
-            "defaults": {"prompt": "photo of a w0ut3r man", "steps": steps, "width": 64, "height": 64, "cfg": 5},
-            "axes": {"lora": [{"file": str(path)} for path in loras],
-                     "seed": list(range(first_seed, first_seed + seeds))}}
+def write_job(folder, name: str, loras: list, seeds: int, first_seed: int = 1, steps: int = 2,
+              model: str = "tiny:sdxl", prompt: str = "photo of a w0ut3r man", **more):
+    spec = {"job": name, "model": model,
+            "defaults": {"prompt": prompt, "steps": steps, "width": 64, "height": 64, "cfg": 5},
+            "axes": {"lora": [{"file": str(path)} for path in loras] or ["none"],
+                     "seed": list(range(first_seed, first_seed + seeds))}, **more}
     path = folder / f"{name}.yaml"
     path.write_text(json.dumps(spec))  # JSON is YAML
     return path
@@ -143,7 +153,8 @@ def test_recycle_after_replaces_pool_workers_by_fresh_processes(service, warm_a,
 
 def test_higher_priority_job_takes_the_pool_first(service, lora_dir, tmp_path):
     loras = sorted(lora_dir.glob("*.safetensors"))[:2]
-    low = submit(service, write_job(tmp_path, "prio-low", loras, 100, steps=8), "--priority", "0",
+    # 2 × 400 images: far more than renders before it is cancelled, however fast the machine
+    low = submit(service, write_job(tmp_path, "prio-low", loras, 400, steps=8), "--priority", "0",
                  "--dtype", "fp32", "--vae-tiling", "--cpu-offload", "none")
     from ray.job_submission import JobSubmissionClient
 
@@ -160,7 +171,7 @@ def test_higher_priority_job_takes_the_pool_first(service, lora_dir, tmp_path):
     high_rows = once(service, "prio-high", 48)
     low_rows = once(service, "prio-low", None)
     assert {r["task_id"] for r in low_rows} <= {p.stem for p in images(service, "prio-low")}
-    assert 0 < len(low_rows) < 200, "the low job finished before the high one: make it longer"
+    assert 0 < len(low_rows) < 800, "the low job finished before it was cancelled: make it longer"
     begin = min(r["started_at"] for r in high_rows)
     end = max(r["started_at"] for r in high_rows)
     low_during = [r for r in low_rows if begin < r["started_at"] < end]
@@ -171,7 +182,7 @@ def test_higher_priority_job_takes_the_pool_first(service, lora_dir, tmp_path):
 
 def test_pause_resume_cancel_and_resubmit(service, lora_dir, tmp_path):
     loras = sorted(lora_dir.glob("*.safetensors"))[:2]
-    total = 300  # 150 seeds x 2 LoRAs: long enough to pause and cancel mid-run on an idle machine
+    total = 600  # 300 seeds x 2 LoRAs: still running when cancelled, even on a fast or idle machine
     # (8 steps: the pause control job takes ~13 s to reach the keeper under load; at 4 steps the
     # job could finish first)
     job = submit(service, write_job(tmp_path, "ctl", loras, total // 2, steps=8))
@@ -265,7 +276,10 @@ def test_a_training_job_trains_on_the_head_while_the_other_node_evaluates(servic
     # the other node evaluated while the head trained: its first render began before the last checkpoint
     last_checkpoint = max(c["finished_at"] for c in checkpoints)
     assert min(r["started_at"] for r in table if r["worker"].endswith(other)) < last_checkpoint
-    trained = {w["node_id"][:8]: w["trained"] for w in pool(service)["workers"].values()}
+    # a worker busy loading or recycling answers the keeper late: ask until every one has answered
+    workers = service.wait_for(lambda: (w := pool(service)["workers"]) and all("node_id" in v for v in w.values())
+                               and w, timeout=60, every=1, what="every pool worker to answer")
+    trained = {w["node_id"][:8]: w["trained"] for w in workers.values()}
     assert trained == {head: 2, other: 0}, f"both runs train on the head's one GPU: {trained}"
 
 
@@ -321,3 +335,131 @@ def test_a_job_no_pool_worker_may_serve_fails_fast_and_resumes_on_a_good_node(fa
         bad = [w for w in workers if w["failed"]]
         assert len(workers) == 2 and len(bad) == 1 and bad[0]["rendered"] == 0, workers
         assert sum(w["rendered"] for w in workers) == 8
+
+
+# README, "How jobs share the pool": "A driver killed outright loses its workers after 30 s of silence"
+SILENCE_S = 30
+
+
+def test_a_driver_killed_outright_loses_its_workers_after_30_s_of_silence(service, warm_a, tmp_path):
+    """kill -9 a job's driver while it holds the whole pool and another job waits: the keeper
+    keeps the dead job's workers from the waiting one until the driver has been silent for 30 s
+    (its leases are only 5 s), then lends them on."""
+    loras = warm_a["loras"]
+    doomed = submit(service, write_job(tmp_path, "doomed", loras, 200, steps=4), "--priority", "5", "--chunk", "1")
+    service.wait_for(lambda: len(images(service, "doomed")) >= 2, what="the doomed job to render")
+    heir = submit(service, write_job(tmp_path, "heir", loras[:1], 2, first_seed=3000))  # priority 0: it waits
+    drivers = processes_running("farm.cli", "--job-key", doomed)
+    assert drivers, "the doomed job's driver process was not found"
+    for pid in drivers:
+        os.kill(pid, signal.SIGKILL)
+    killed = time.time()
+
+    # while the dead driver is silent, the waiting job gets nothing: the keeper still lends both workers to it
+    state = service.wait_for(lambda: s if heir in (s := pool(service))["jobs"] or images(service, "heir") else None,
+                             timeout=60, what="the heir to ask the keeper for workers")
+    asked = time.time() - killed
+    assert not images(service, "heir"), f"the waiting job rendered within {asked:.0f} s of the kill"
+    assert asked < SILENCE_S - 5, f"the heir reached the keeper only {asked:.0f} s after the kill: nothing proven"
+    assert state["jobs"][heir]["waiting_for"] > 0 and doomed in state["jobs"], state["jobs"]
+    assert [w["held_by"] for w in state["workers"].values()] == [doomed, doomed], state["workers"]
+
+    assert wait_done(service, heir, timeout=SILENCE_S + 120) == "SUCCEEDED", service.farm("logs", heir).stdout[-3000:]
+    first_render = min(r["started_at"] for r in once(service, "heir", 2))
+    silent = (first_render - datetime.fromtimestamp(killed, timezone.utc)).total_seconds()
+    # the driver last reported at most ~3 s before it died; the keeper looks every 2 s
+    assert SILENCE_S - 5 <= silent <= SILENCE_S + 20, f"the waiting job got the workers {silent:.1f} s after the kill"
+    assert wait_done(service, doomed, timeout=60) == "FAILED"
+
+
+def test_a_job_whose_model_is_on_no_node_fails_with_one_line_and_renders_nothing(service, tmp_path):
+    """The driver plans with the model (on the head), but no node has it when the job checks
+    (as when the head renders nothing and only it has the file): the job ends with one line
+    naming the model and the nodes, and renders nothing."""
+    ghost = tmp_path / "models" / "ghost.safetensors"  # outside the spec's folder: not sent with the job
+    ghost.parent.mkdir()
+    ghost.write_bytes(b"planning only hashes a model")
+    job = submit(service, write_job(tmp_path, "ghost", [], 4, model=str(ghost)))
+    run = service.root / "runs" / "ghost"
+    service.wait_for(lambda: (run / "run.json").is_file(), timeout=120, every=0.01, what="the job to be planned")
+    ghost.unlink()  # gone from every node (they all share this box's disk) before the driver asks them
+    assert wait_done(service, job, timeout=120) == "FAILED"
+    logs = service.farm("logs", job).stdout
+    errors = [line for line in logs.splitlines() if line.startswith("farm: error:")]
+    assert len(errors) == 1 and "Traceback" not in logs, logs[-3000:]
+    nodes = re.fullmatch(rf"farm: error: {re.escape(str(ghost))}: model is on none of the cluster's nodes "
+                         r"\(([0-9a-f]{8}), ([0-9a-f]{8})\); put it at that path on the nodes that should render it",
+                         errors[0])
+    assert nodes, f"job lost the race with the test (it checked before the model was removed) or: {errors[0]}"
+    assert set(nodes.groups()) == {service.node_id("head"), service.node_id("node1")}
+    assert not images(service, "ghost") and not list(RunFolder(run).parts()), "the job rendered something"
+
+
+def test_a_lora_under_a_shared_root_is_read_in_place_on_the_other_node(service, tmp_path):
+    """The second node lists a folder in SDFARM_SHARED_ROOTS. Every image applies two LoRAs, one
+    in that folder and one outside it: the second node renders with the shared one read where it
+    is and a fetched, checked copy of the other."""
+    from farm.models.tiny import save_tiny_lora
+
+    node = next(n for n in service.nodes if n["name"] == "node1")
+    shared_root = Path(node["env"]["SDFARM_SHARED_ROOTS"])
+    shared = save_tiny_lora(shared_root / "in-shared.safetensors", "shared-root-in")
+    outside = save_tiny_lora(tmp_path / "loras" / "outside.safetensors", "shared-root-out")
+    shas = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in
+            (("shared", shared), ("outside", outside))}
+    cache = node["cache"]
+    assert not [p for p in cache.glob("*") if any(sha in p.name for sha in shas.values())]
+
+    spec = write_job(tmp_path, "shared-roots", [shared], 8, prompt="photo of a w0ut3r man <lora:outside:0.5>",
+                     lora_dir=str(outside.parent))
+    job = submit(service, spec, "--chunk", "2")  # 8 images, 2 chunks of 2 in flight per worker: both render
+    assert wait_done(service, job) == "SUCCEEDED", service.farm("logs", job).stdout[-3000:]
+    table = once(service, "shared-roots", 8)
+    assert all({lora["sha256"] for lora in row["loras"]} == set(shas.values()) for row in table)
+    other = service.node_id("node1")
+    assert any(row["worker"].endswith(other) for row in table), "the second node rendered nothing"
+
+    fetched = {p.name for p in cache.glob("*") if any(sha in p.name for sha in shas.values())}
+    assert fetched == {f"{shas['outside']}.safetensors"}, f"copies on the second node: {fetched}"
+    assert hashlib.sha256((cache / f"{shas['outside']}.safetensors").read_bytes()).hexdigest() == shas["outside"]
+
+
+def job_line(service, job_id) -> str:
+    listing = service.farm("jobs")
+    assert listing.returncode == 0, listing.stderr
+    return next((line for line in listing.stdout.splitlines() if line.startswith(job_id)), "")
+
+
+def test_farm_jobs_shows_progress_and_an_eta_while_a_job_runs(service, warm_a, tmp_path):
+    """`farm jobs` prints state, done/failed/total and an ETA from the driver's progress lines
+    (one every 10 s) while the job runs; afterwards its counts are the manifest's."""
+    # a job of the warm pool's settings sized to render for ~18 s here, from the warm first job's pace: the
+    # driver prints progress at its start, maybe before the first image, then every 10 s
+    finished = sorted(r["finished_at"] for r in rows(service, "warm-a"))
+    half = len(finished) // 2
+    pace = (len(finished) - 1 - half) / max((finished[-1] - finished[half]).total_seconds(), 0.01)
+    seeds = min(max(round(18 * pace / 2), 20), 1000)
+    job = submit(service, write_job(tmp_path, "eta", warm_a["loras"], seeds, first_seed=2000))
+    total = 2 * seeds
+
+    pattern = re.compile(rf"{re.escape(job)}\s+RUNNING\s+priority\s+0\s+eta: (\d+)/(\d+) done, (\d+) failed, "
+                         r"ETA (?:(\d+)h(\d+)m|(\d+)m(\d+)s)$")
+    deadline = time.monotonic() + 180
+    while (line := job_line(service, job)) and not (seen := pattern.match(line)):
+        assert "RUNNING" in line or "PENDING" in line, f"the job ended before `farm jobs` showed an ETA: {line}"
+        assert time.monotonic() < deadline, f"no ETA in `farm jobs`: {line!r}"
+        time.sleep(0.5)
+    assert line, "`farm jobs` does not list the job"
+    seen_at = time.monotonic()
+    done, listed_total, failed = (int(seen.group(i)) for i in (1, 2, 3))
+    h, m1, m2, s = (int(g or 0) for g in seen.group(4, 5, 6, 7))
+    eta = h * 3600 + m1 * 60 + m2 * 60 + s
+    assert listed_total == total and 0 < done < total and failed == 0, line
+
+    assert wait_done(service, job) == "SUCCEEDED", service.farm("logs", job).stdout[-3000:]
+    left = time.monotonic() - seen_at
+    # the ETA was computed up to 10 s before it was read; it is no wild guess either way
+    assert 0 < eta <= 3 * (left + 10) + 10, f"ETA {eta} s; the job ended {left:.0f} s after it was shown"
+    once(service, "eta", total)
+    final = job_line(service, job)
+    assert re.search(rf"\s+SUCCEEDED\s+priority\s+0\s+eta: {total}/{total} done, 0 failed$", final), final
