@@ -12,6 +12,7 @@ preferring `ok`, then the latest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -151,8 +152,13 @@ class RunFolder:
         return sorted(unique.values(), key=lambda r: (r["run"], r["step"]))
 
     def save_image(self, result: RenderResult) -> str:
+        """Write the task's PNG, unless that very file is already there: a resumed run renders
+        again the tasks whose rows a killed driver never committed, and their PNGs (same task,
+        same bytes) stay the files they were."""
         relative = image_relpath(result.task.task_id)
-        write_atomic(self.root / relative, result.png, durable=False, stage="image")
+        path = self.root / relative
+        if not (path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == result.image_sha256):
+            write_atomic(path, result.png, durable=False, stage="image")
         return relative
 
     def write_part(self, rows: list[dict]) -> Path | None:
