@@ -199,20 +199,19 @@ def plan_scale(tasks: int) -> dict:
     """Expand a `tasks`-image spec and check it against a manifest that already holds every other
     task (as a resumed run's would), in a fresh process so peak RSS is this work's own. The
     manifest is written by another process from the same plan, outside the clock."""
-    setup = (
-        "import sys, pyarrow as pa, pyarrow.parquet as pq\n"
+    spec = (
         "from farm.bench import _spec, _plan\n"
         f"n = {tasks}\n"
         "spec = _spec(n); spec['axes']['seed'] = list(range(n // 10))\n"
+    )
+    setup = spec + (
+        "import sys, pyarrow as pa, pyarrow.parquet as pq\n"
         "ids = [t.task_id for t in _plan(spec).tasks][::2]\n"
         "pq.write_table(pa.table({'task_id': ids, 'status': ['ok'] * len(ids)}), sys.argv[1])\n"
     )
-    measure = (
+    measure = spec + (
         "import time, resource, sys\n"
         "import pyarrow.parquet as pq\n"
-        "from farm.bench import _spec, _plan\n"
-        f"n = {tasks}\n"
-        "spec = _spec(n); spec['axes']['seed'] = list(range(n // 10))\n"
         "_plan(_spec(10))\n"  # build and hash the tiny model outside the clock
         "began = time.perf_counter()\n"
         "plan = _plan(spec)\n"
