@@ -223,11 +223,14 @@ def test_pause_resume_cancel_and_resubmit(service, lora_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     again = resumed.stdout.strip().splitlines()[-1]
     assert again != job
-    assert wait_done(service, again) == "SUCCEEDED"
-    after = once(service, "ctl", total)  # in the raw parts: no task rendered twice across the two runs
+    # the resubmitted driver renders what is missing: once it has rendered a few, stop it too (its
+    # finishing the whole job proves nothing the resume tests elsewhere do not, and costs minutes)
+    service.wait_for(lambda: len(rows(service, "ctl")) >= len(before) + 8, what="the resubmitted job to render")
+    assert service.farm("cancel", again).returncode == 0
+    assert wait_done(service, again, timeout=60) == "STOPPED"
+    after = once(service, "ctl", None)  # in the raw parts: no task rendered twice across the three drivers
+    assert len(before) + 8 <= len(after) < total
     assert {r["task_id"]: r["image_sha256"] for r in after if r["task_id"] in before} == before
-    logs = service.farm("logs", again).stdout
-    assert f"{len(before)} already done of {total}" in logs and f"{total - len(before)} rendered" in logs
 
 
 def test_the_pool_follows_nodes_leaving_and_joining_mid_job(service, lora_dir, tmp_path):

@@ -235,8 +235,11 @@ def test_subject_lora_study_runs_at_tiny_scale(farm_cache, tmp_path):
 
     # typed as people type it: a relative --out, from a folder that is neither the repo nor the spec's
     out = tmp_path / "study"
+    # the demo's study with one sampling step per evaluation image (588 of them): same tables, half the time
+    (tmp_path / "one-step.yaml").write_text("evaluate: {defaults: {steps: 1}}\n")
     command = [sys.executable, "-m", "farm.cli", "run", str(ROOT / "jobs/subject-lora-study/study.yaml"),
-               "--scale", "tiny", "--out", "study", "--gpus", "2", "--quiet", "--local"]
+               "--scale", "tiny", "--override", "one-step.yaml", "--out", "study", "--gpus", "2", "--quiet",
+               "--local"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
