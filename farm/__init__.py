@@ -3,7 +3,7 @@
 The subpackages read as the data flow, each importing only from those before it
 (scripts/import_layers.py checks it):
 
-    errors → files → models → sweep → render → runs → train → cluster → cli, bench
+    errors → files → models → sweep → render → runs → score → train → cluster → cli, bench
 
 Only `cluster` (and the two entry points) import Ray.
 """

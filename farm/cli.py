@@ -275,6 +275,93 @@ def cmd_grid(args) -> int:
     return 0
 
 
+def _subject(args, run):
+    """The subject to score against: `--photos` (a kohya `img` folder, a `9_w0ut3r man` folder
+    or any folder of photos, with --token / --class-word), else what a study recorded in run.json."""
+    from farm.score.scorer import Subject
+
+    recorded = run.load_run_info().get("subject")
+    if not args.photos:
+        if not recorded:
+            raise UsageError(f"{run.root}: no subject recorded (only training studies record one); "
+                             "give --photos DIR with the subject's training photos")
+        subject = Subject.from_dict(recorded)
+    else:
+        subject = _subject_from_folder(Path(args.photos))
+    return Subject(subject.photos, args.token if args.token is not None else subject.token,
+                   args.class_word if args.class_word is not None else subject.class_word, subject.where)
+
+
+def _subject_from_folder(folder: Path):
+    """Photos under `folder`; the token and class from kohya's `<repeats>_<token> <class>` name."""
+    import re
+
+    from farm.score.scorer import Subject
+    from farm.train.dataset import list_images
+
+    if not folder.is_dir():
+        raise UsageError(f"--photos {folder}: no such folder")
+    kohya = re.compile(r"^\d+_(.+)$")
+    folders = [folder] if kohya.match(folder.name) else sorted(p for p in folder.iterdir() if kohya.match(p.name))
+    folders = folders or [folder]
+    photos = tuple(str(p.resolve()) for f in folders for p in list_images(f))
+    if not photos:
+        raise UsageError(f"--photos {folder}: no images there")
+    match = kohya.match(folders[0].name)
+    words = match[1].split() if match else []
+    return Subject(photos, words[0] if len(words) > 1 else "", " ".join(words[1:]), f"--photos {folder}")
+
+
+def _clip_model(reference: str | None) -> str | None:
+    if reference and reference.startswith("tiny:"):
+        from farm.models.tiny import resolve_tiny
+
+        return str(resolve_tiny(reference))
+    if reference and not Path(reference).exists():
+        raise UsageError(f"--clip {reference}: no such CLIP model folder")
+    return reference
+
+
+def cmd_score(args) -> int:
+    from farm.score.scorer import score_run
+
+    run = _existing_run(args.run)
+    subject = _subject(args, run)
+    clip = _clip_model(args.clip)
+    if not clip:
+        print("scores: no --clip model given: CLIP-T and CLIP-I are skipped (faces only)")
+    started = time.monotonic()
+    done, kept, warnings = score_run(run, subject, clip, args.device, again=args.again)
+    for warning in warnings:
+        print(f"scores: warning: {warning}")
+    print(f"scores: {done} images scored, {kept} already scored, in {time.monotonic() - started:.1f} s "
+          f"(subject: {len(subject.photos)} photos, token {subject.token!r}, class {subject.class_word!r})")
+    print(f"scores: {run.root / 'scores'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from farm.score.report import write_report
+
+    run = _existing_run(args.run)
+    path = write_report(run, args.margin)
+    report = json.loads((path.parent / "report.json").read_text())
+    best = report["best"]
+    print(f"rule: {report['rule']}")
+    print(f"best: {best['label']} (variant {best['variant']})" if best else "best: none")
+    print(f"report: {path}")
+    return 0
+
+
+def _existing_run(folder: str):
+    from farm.runs.manifest import RunFolder
+
+    run = RunFolder(folder)
+    if not run.parts():
+        raise UsageError(f"{folder}: no manifest there (not a run folder, or nothing rendered yet)")
+    return run
+
+
 def cmd_info(args) -> int:
     """Each PNG's A1111 `parameters` text, as A1111's PNG-info tab shows it."""
     from farm.render.pnginfo import read_png_parameters
@@ -402,6 +489,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pages", action="append", help="axis per page (repeatable); other varying axes page too")
     p.add_argument("--cell", type=int, help="cell size in px (default: image width, 128..512)")
     p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("score", help="likeness / leakage (faces) and CLIP-T / CLIP-I scores for a run's images")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--photos", help="the subject's training photos (default: what the study recorded)")
+    p.add_argument("--token", help="the subject's instance token (default: from the kohya folder name)")
+    p.add_argument("--class-word", help="the class word (default: from the kohya folder name)")
+    p.add_argument("--clip", help="a CLIP model folder (transformers layout) for CLIP-T / CLIP-I; tiny:clip in tests")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when there is one)")
+    p.add_argument("--again", action="store_true", help="score every image again")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("report", help="per checkpoint scores, the ranking and its rule, charts → RUN/report/")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--margin", type=float, default=0.05,
+                   help="how much closer to the subject than the no-LoRA baseline class-only faces may be")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("info", help="an image's PNG info (A1111 `parameters`: prompt, sampler, seed, hashes)")
     p.add_argument("images", nargs="+", metavar="IMAGE")

@@ -10,6 +10,7 @@
     ├── RenderError           a render failed (only its task fails; its row says why)
     ├── TrainError            a training run failed or cannot resume (its checkpoints so far are kept)
     ├── ManifestError         a run folder's manifest cannot be read or written
+    ├── ScoreError            a run cannot be scored (no subject photo with a face, no CLIP model there)
     ├── ClusterError          no Ray cluster / Jobs API where the farm looked, or it refused the farm
     └── UsageError            a command's arguments do not fit the run (an axis it lacks, a job id it never had)
 
@@ -54,6 +55,10 @@ class TrainError(FarmError):
 
 
 class ManifestError(FarmError):
+    pass
+
+
+class ScoreError(FarmError):
     pass
 
 

@@ -3,7 +3,7 @@
 The package reads as its data flow; each layer may import only from layers before it (or from
 itself), so a reader knows what a module may touch:
 
-    errors → files → models → sweep → render → runs → train → cluster → cli, bench
+    errors → files → models → sweep → render → runs → score → train → cluster → cli, bench
 
 - a module never imports from a later layer (lazy imports inside functions count too);
 - no import cycles between modules, inside a layer either;
@@ -20,7 +20,7 @@ import ast
 import sys
 from pathlib import Path
 
-LAYERS = ["errors", "files", "models", "sweep", "render", "runs", "train", "cluster", "cli", "bench"]
+LAYERS = ["errors", "files", "models", "sweep", "render", "runs", "score", "train", "cluster", "cli", "bench"]
 RAY_ALLOWED = {"cluster", "cli", "bench"}
 ENTRY_POINTS = {"cli", "bench"}  # the same rank: neither imports the other
 

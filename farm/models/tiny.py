@@ -5,8 +5,9 @@ embeddings, two CLIP text encoders, a VAE with SDXL's scale factor 8) and CLIP's
 vocabulary, so it is loaded by exactly the code path a user's SDXL folder takes. Weights are
 seeded, so the same version of this module always builds the same bytes.
 
-Specs name them as `tiny:sdxl` (model) and `tiny:lora/NAME` (a LoRA, seeded from NAME); the farm
-builds them on first use into a cache folder and reuses them after.
+Specs name them as `tiny:sdxl` (model) and `tiny:lora/NAME` (a LoRA, seeded from NAME), and
+`farm score --clip tiny:clip` a tiny CLIP; the farm builds them on first use into a cache folder and
+reuses them after.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from farm.models.sdxl import SCHEDULER, quiet_libraries, write_clip_vocab
 TINY_MODEL = "tiny:sdxl"
 TINY_LORA_PREFIX = "tiny:lora/"
 TINY_SUBJECT = "tiny:subject"  # a procedural kohya dataset: img/4_w0ut3r man, reg/1_man
+TINY_CLIP = "tiny:clip"  # a random-weight transformers CLIPModel folder, for the CLIP-T / CLIP-I scores
 # Bump when the builders below change, so caches rebuild instead of serving stale weights.
 TINY_VERSION = "1"
 
@@ -41,6 +43,14 @@ _UNET = dict(
     transformer_layers_per_block=(1, 2), cross_attention_dim=64,
     addition_embed_type="text_time", addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=32,
+)
+# CLIP's real vocabulary (so prompts tokenize as with a real CLIP), everything else tiny.
+_CLIP_TEXT = dict(
+    vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+    max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+)
+_CLIP_VISION = dict(
+    hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32, patch_size=8,
 )
 _VAE = dict(
     block_out_channels=(8, 16, 32, 32), in_channels=3, out_channels=3,
@@ -90,6 +100,29 @@ def save_tiny_model(folder: Path, seed: int = 0) -> Path:
     return publish_folder(build, Path(folder))
 
 
+def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A random-weight CLIPModel with its tokenizer and image processor, saved at `folder` as a
+    transformers folder (safetensors only), so the scores load it exactly as they load a real CLIP."""
+
+    def build(tmp: Path) -> Path:
+        quiet_libraries()  # first: transformers warns on import when CLIPImageProcessor falls back to PIL
+        import torch
+        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        out = tmp / "clip"
+        vocab, merges = write_clip_vocab(tmp / "vocab")
+        CLIPTokenizer(str(vocab), str(merges), model_max_length=77).save_pretrained(out)
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                           image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD).save_pretrained(out)
+        torch.manual_seed(seed)
+        config = CLIPConfig(text_config=_CLIP_TEXT, vision_config=_CLIP_VISION, projection_dim=16)
+        CLIPModel(config).save_pretrained(out, safe_serialization=True)
+        return out
+
+    return publish_folder(build, Path(folder))
+
+
 def tiny_lora_state_dict(name: str, rank: int = 4):
     """A random peft LoRA on the tiny UNet's attention, seeded from `name`, in diffusers keys."""
     import torch
@@ -125,9 +158,11 @@ def save_tiny_lora(path: Path, name: str, rank: int = 4) -> Path:
 
 
 def resolve_tiny(reference: str) -> Path:
-    """Turn `tiny:sdxl` / `tiny:lora/NAME` into a built, cached path; build it on first use."""
+    """Turn `tiny:sdxl` / `tiny:lora/NAME` / `tiny:clip` into a built, cached path; build it on first use."""
     if reference == TINY_MODEL:
         return save_tiny_model(cache_dir() / "sdxl")
+    if reference == TINY_CLIP:
+        return save_tiny_clip(cache_dir() / "clip")
     if reference == TINY_SUBJECT:
         return publish_folder(lambda tmp: write_tiny_dataset(tmp / "subject", images=4, repeats=2, reg_images=4),
                         cache_dir() / "subject")
@@ -136,7 +171,7 @@ def resolve_tiny(reference: str) -> Path:
         if not name or not name.replace("-", "").replace("_", "").isalnum():
             raise ModelError(f"{reference}: tiny LoRA names are letters, digits, '-' and '_'")
         return save_tiny_lora(cache_dir() / "loras" / f"{name}.safetensors", name)
-    raise ModelError(f"{reference}: unknown tiny reference (use {TINY_MODEL} or {TINY_LORA_PREFIX}NAME)")
+    raise ModelError(f"{reference}: unknown tiny reference (use {TINY_MODEL}, {TINY_LORA_PREFIX}NAME or {TINY_CLIP})")
 
 
 def is_tiny(reference: str) -> bool:

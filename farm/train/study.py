@@ -69,6 +69,20 @@ class Study:
             result.append((run, maths))
         return result
 
+    def subject(self) -> dict:
+        """Whom the study trains on, for scoring: the first variant's instance photos (not its reg
+        images) and the token and class word of their kohya folder (`9_w0ut3r man`: the token is
+        the first word, the class the rest). Recorded in run.json so `farm score RUN` needs no spec."""
+        name, options = next(iter(self.job.runs().items()))
+        try:
+            instances = dataset_for(options.model_copy(update={"reg_data_dir": None}), self.spec_dir).instances
+        except FarmError as exc:
+            raise _in_spec(exc, f"{self.source}: variants.{name}") from None
+        words = instances[0].subset.class_tokens.split() if instances else []
+        return {"photos": sorted({str(Path(item.path).resolve()) for item in instances}),
+                "token": words[0] if len(words) > 1 else "", "class_word": " ".join(words[1:]) or " ".join(words),
+                "where": f"{self.source}: variants.{name} train_data_dir"}
+
     def check(self) -> None:
         """Fail now, with a one-line error, on a missing model or dataset: before Ray starts."""
         self.model_path()
@@ -166,8 +180,8 @@ def run_training_job(study: Study, recorded_seeds: dict | None, render: Callable
     runs = study.runs(reg_folders)
     evaluation = Evaluation(study.job.evaluation_job(), study.spec_dir, study.source, dict(recorded_seeds or {}))
     evaluation.replan({})  # fixes any `-1` seed now, so an interrupted run resumes with the same ones
-    RunFolder(study.run_dir).save_run_info({"job": study.job.job, "spec": study.source, "seeds": evaluation.seeds})
+    info = {"job": study.job.job, "spec": study.source, "seeds": evaluation.seeds, "subject": study.subject()}
+    RunFolder(study.run_dir).save_run_info(info)
     summary = train_and_evaluate([run for run, _ in runs], evaluation.replan)
-    RunFolder(study.run_dir).save_run_info({
-        "job": study.job.job, "spec": study.source, "seeds": evaluation.seeds, "axes": evaluation.axis_labels})
+    RunFolder(study.run_dir).save_run_info({**info, "axes": evaluation.axis_labels})
     return runs, summary
