@@ -312,26 +312,29 @@ def _subject_from_folder(folder: Path):
     return Subject(photos, words[0] if len(words) > 1 else "", " ".join(words[1:]), f"--photos {folder}")
 
 
-def _clip_model(reference: str | None) -> str | None:
-    if reference and reference.startswith("tiny:"):
-        from farm.models.tiny import resolve_tiny
-
-        return str(resolve_tiny(reference))
-    if reference and not Path(reference).exists():
-        raise UsageError(f"--clip {reference}: no such CLIP model folder")
-    return reference
-
-
 def cmd_score(args) -> int:
     from farm.score.scorer import score_run
 
     run = _existing_run(args.run)
     subject = _subject(args, run)
-    clip = _clip_model(args.clip)
+    clip = args.clip
     if not clip:
         print("scores: no --clip model given: CLIP-T and CLIP-I are skipped (faces only)")
     started = time.monotonic()
-    done, kept, warnings = score_run(run, subject, clip, args.device, again=args.again)
+    if args.cluster:
+        from farm.cluster.connect import connect
+        from farm.cluster.scoring import score_on_cluster
+
+        started_ray = connect(args.address, args.gpus, dashboard=False, local=args.local)
+        try:
+            done, kept, warnings = score_on_cluster(run, subject, clip, args.device, again=args.again)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+    else:
+        done, kept, warnings = score_run(run, subject, clip, args.device, again=args.again)
     for warning in warnings:
         print(f"scores: warning: {warning}")
     print(f"scores: {done} images scored, {kept} already scored, in {time.monotonic() - started:.1f} s "
@@ -498,6 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", help="a CLIP model folder (transformers layout) for CLIP-T / CLIP-I; tiny:clip in tests")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when there is one)")
     p.add_argument("--again", action="store_true", help="score every image again")
+    p.add_argument("--cluster", action="store_true",
+                   help="score on the Ray cluster's GPU workers (joins --address or a running cluster, else a local "
+                        "Ray) instead of in this process")
+    p.add_argument("--address", help="with --cluster: the Ray cluster to join")
+    p.add_argument("--local", action="store_true", help="with --cluster: a local Ray of this command's own")
+    p.add_argument("--gpus", type=int, help="with --cluster and a local Ray: logical GPUs (default: one per core)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("report", help="per checkpoint scores, the ranking and its rule, charts → RUN/report/")

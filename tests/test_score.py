@@ -209,3 +209,42 @@ def test_a_subject_without_faces_still_gets_clip_scores_and_says_likeness_is_not
     assert report["checkpoints"][0]["likeness"]["n"] == 0
     assert "not measured" in report["rule"] and "CLIP-I" in report["rule"]
     assert report["best"] is not None
+
+
+def test_scoring_on_the_cluster_workers_gives_the_in_process_scores(faces_run, ray_cluster, tmp_path):
+    """Two GPU workers score the run in batches (the images' bytes sent to them, the subject
+    photos put in the object store once): the same numbers as scoring in this process."""
+    import shutil
+
+    from farm.cluster.scoring import score_on_cluster
+    from farm.models.tiny import TINY_CLIP
+    from farm.score.scorer import Subject, score_run
+
+    subject = Subject(tuple(str(p) for p in sorted(faces_run.photos.glob("*.png"))), "ohwx", "woman")
+    runs = {}
+    for name in ("here", "cluster"):
+        runs[name] = RunFolder(tmp_path / name)
+        shutil.copytree(faces_run.run.root, runs[name].root)
+        shutil.rmtree(runs[name].root / "scores", ignore_errors=True)
+    assert score_run(runs["here"], subject, TINY_CLIP)[:2] == (14, 0)
+    assert score_on_cluster(runs["cluster"], subject, TINY_CLIP, batch=4)[:2] == (14, 0)
+    assert score_on_cluster(runs["cluster"], subject, TINY_CLIP)[:2] == (0, 14)  # nothing left: no worker started
+    here = {r["task_id"]: r for r in ScoreTable(runs["here"]).read().to_pylist()}
+    there = ScoreTable(runs["cluster"]).read().to_pylist()
+    assert {r["worker"].split("@")[0] for r in there} == {"worker:gpu0", "worker:gpu1"}  # both workers scored
+    for row in there:
+        mine = here[row["task_id"]]
+        assert row["reference"] == mine["reference"] and row["faces"] == mine["faces"]
+        for key in ("face_distance", "face_distance_nearest", "clip_t", "clip_i"):
+            assert row[key] == pytest.approx(mine[key], abs=1e-5), key
+
+
+def test_the_scores_columns_are_the_ones_the_readme_lists():
+    import re
+
+    from farm.score.table import SCORE_SCHEMA
+
+    text = (ROOT / "README.md").read_text()
+    paragraph = text[text.index("- **Where scores live**"):text.index("- **On the cluster**")]
+    listed = re.findall(r"`(\w+)`", paragraph[paragraph.index("one row per"):paragraph.index("Scoring again")])
+    assert listed == SCORE_SCHEMA.names

@@ -3,6 +3,7 @@
 (`dispatch.run_study` is exercised through the `farm` library calls a user's `farm run` makes.)
 """
 
+import json
 import os
 import signal
 import threading
@@ -258,6 +259,19 @@ def test_subject_lora_study_runs_at_tiny_scale(farm_cache, tmp_path):
     assert grid.returncode == 0, grid.stderr
     pages = sorted((out / "grids").glob("lora-x-prompt-*.png"))
     assert len(pages) == 1  # only the prompts table has both axes
+    # judged as the demo judges it: the subject the study recorded, a tiny CLIP
+    scored = subprocess.run([sys.executable, "-m", "farm.cli", "score", "study", "--clip", "tiny:clip"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert scored.returncode == 0, scored.stderr
+    # the procedural subject has no face: said, not failed; CLIP still scores every image
+    assert "no face found in any of the 4 subject photos" in scored.stdout and "588 images scored" in scored.stdout
+    reported = subprocess.run([sys.executable, "-m", "farm.cli", "report", "study"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+    assert reported.returncode == 0, reported.stderr
+    assert "ranked by CLIP-I" in reported.stdout and "best: v0" in reported.stdout
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert len(report["checkpoints"]) == 28 and {c["rank"] for c in report["checkpoints"]} == set(range(1, 29))
+    assert all(c["loss_plot"] for c in report["checkpoints"])  # each run's loss curve beside its scores
 
 
 @pytest.mark.slow

@@ -27,11 +27,13 @@ from farm.cluster.connect import NAMESPACE
 from farm.cluster.metrics import record_render, record_train_step
 from farm.errors import LoraError
 from farm.models.artifacts import fetched_copy, is_shared
+from farm.models.cache import farm_cache
 from farm.render.pipeline import PipelineOptions
 from farm.render.renderer import Renderer, RenderResult
 from farm.sweep.plan import LoraUse, Task
 
-if TYPE_CHECKING:  # the trainer is imported only by a worker that trains
+if TYPE_CHECKING:  # the trainer and the scorer are imported only by a worker that uses them
+    from farm.score.scorer import ScoreSetup
     from farm.train.trainer import Checkpoint, TrainRun
 
 # Ray restarts a killed worker (OOM killer, kill -9, a driver crash) this many times; the
@@ -66,7 +68,9 @@ class GpuWorker:
         # the Ray node id tells apart nodes that share a host name (and shows which node did what)
         self.name = f"worker:{self.slot}@{self.node}/{self.node_id[:8]}"
         self.renderer = self._new_renderer()
-        self.counters = {"pipeline_loads": 0, "lora_loads": 0, "fetched": 0, "rendered": 0, "failed": 0, "trained": 0}
+        self.counters = {"pipeline_loads": 0, "lora_loads": 0, "fetched": 0, "rendered": 0, "failed": 0, "trained": 0,
+                         "scored": 0}
+        self.scorer = None  # farm.score.scorer.Scorer, built by the first score_batch
 
     def __repr__(self) -> str:  # the name the Ray dashboard shows for this actor
         return self.name
@@ -95,6 +99,7 @@ class GpuWorker:
             self.renderer = self._new_renderer()
 
     def render_batch(self, tasks: list[Task], source: Source | None = None) -> list[RenderResult]:
+        self._drop_scorer()
         if source is not None and source.options is not None:
             self._take_options(source.options)
         self._source = source
@@ -124,6 +129,7 @@ class GpuWorker:
         from farm.render.memory import release
         from farm.train.trainer import train_run
 
+        self._drop_scorer()
         self._retire_renderer()
         self.renderer = self._new_renderer()  # drop the render pipeline first
         on_step = lambda step, loss, seconds: record_train_step(run.run, self.node, loss, seconds)  # noqa: E731
@@ -133,6 +139,27 @@ class GpuWorker:
         finally:
             release()
         self.counters["trained"] += 1
+
+    def _drop_scorer(self) -> None:
+        """A worker holds a pipeline, a training run or a scorer: one at a time."""
+        if self.scorer is not None:
+            from farm.render.memory import release
+
+            self.scorer = None
+            release()
+
+    def score_batch(self, rows: list[dict], pngs: list[bytes], setup: ScoreSetup) -> tuple[list[dict], list[str]]:
+        """Score rendered images (their bytes, sent by the driver) with a Scorer kept for the
+        next batch, like the pipeline; the render pipeline is let go first (the card holds one).
+        Returns the score rows and the scorer's warnings."""
+        if self.scorer is None or self.scorer.reference != setup.reference:
+            self._retire_renderer()
+            self.renderer = self._new_renderer()
+            self.scorer = None  # the old one's models go before the new one's load
+            self.scorer = setup.build(farm_cache() / "subjects", self.options.device, self.name)
+        scored = self.scorer.score_pngs(rows, pngs)
+        self.counters["scored"] += len(scored)
+        return scored, self.scorer.warnings
 
     @ray.method(concurrency_group="info")  # answers while a render or training runs
     def missing(self, paths: list[str]) -> list[str]:

@@ -215,7 +215,7 @@ class _Feed:
         self.bar.close()
 
 
-def _pool_size(actors: int | None, work: int) -> tuple[int, bool]:
+def pool_size(actors: int | None, work: int) -> tuple[int, bool]:
     resources = ray.cluster_resources()
     use_gpus = resources.get("GPU", 0) >= 1
     slots = int(resources.get("GPU", 0) if use_gpus else resources.get("CPU", 1))
@@ -446,7 +446,7 @@ def _open_pool(pool: WorkerPool | list | None, actors: int | None, work: int,
     """(pool, close it after the run): a pool object as given, a list of workers as a private pool
     that stays up, or by default a private pool started for this run."""
     if pool is None:
-        count, use_gpus = _pool_size(actors, work)
+        count, use_gpus = pool_size(actors, work)
         return PrivatePool.start(count, options, use_gpus), True
     if isinstance(pool, list):
         return PrivatePool(pool, owned=False), True
