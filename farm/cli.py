@@ -267,11 +267,15 @@ def cmd_control(args) -> int:
 
 def cmd_grid(args) -> int:
     from farm.runs.grid import make_grids
+    from farm.runs.manifest import RunFolder
 
     paths = make_grids(args.run, args.rows, args.cols, args.pages, args.cell)
     for path in paths:
         print(path)
     print(f"index: {Path(args.run) / 'grids' / 'index.html'}")
+    from farm.score.page import write_page
+
+    print(f"results page: {write_page(RunFolder(args.run))}")
     return 0
 
 
@@ -346,6 +350,8 @@ def cmd_score(args) -> int:
 def cmd_report(args) -> int:
     from farm.score.report import write_report
 
+    from farm.score.page import write_page
+
     run = _existing_run(args.run)
     path = write_report(run, args.margin)
     report = json.loads((path.parent / "report.json").read_text())
@@ -353,6 +359,14 @@ def cmd_report(args) -> int:
     print(f"rule: {report['rule']}")
     print(f"best: {best['label']} (variant {best['variant']})" if best else "best: none")
     print(f"report: {path}")
+    print(f"results page: {write_page(run)}")
+    return 0
+
+
+def cmd_page(args) -> int:
+    from farm.score.page import write_page
+
+    print(f"results page: {write_page(_existing_run(args.run))}")
     return 0
 
 
@@ -514,6 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.05,
                    help="how much closer to the subject than the no-LoRA baseline class-only faces may be")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("page", help="the results page (RUN/results/index.html): any axes live, full images with PNG "
+                                    "info and scores, heat maps, the report; static, works from file://")
+    p.add_argument("run", help="run folder")
+    p.set_defaults(func=cmd_page)
 
     p = sub.add_parser("info", help="an image's PNG info (A1111 `parameters`: prompt, sampler, seed, hashes)")
     p.add_argument("images", nargs="+", metavar="IMAGE")

@@ -87,6 +87,8 @@ def test_demo_job_end_to_end(farm_cache, tmp_path):
     pages = sorted((out / "grids").glob("*.png"))
     assert len(pages) == 2  # one per strength
     assert Image.open(pages[0]).size[0] == 128 * 5  # row labels + 4 prompts at the 128 px minimum cell
+    assert f"results page: {out / 'results' / 'index.html'}" in grid.stdout
+    assert "window.SDFARM" in (out / "results" / "data.js").read_text()
     again = farm("run", "jobs/demo.yaml", "--out", out, "--gpus", "2", "--quiet", "--local")
     assert again.returncode == 0 and "0 rendered, 0 failed, 28 already done" in again.stdout
 
