@@ -192,7 +192,15 @@ def cmd_jobs(args) -> int:
         print(jobqueue.describe(job, jobqueue.progress_of(args.address, job.submission_id)))
     if not jobs:
         print("no farm jobs on this cluster (farm submit SPEC)")
+    _print_dashboard(args.address)
     return 0
+
+
+def _print_dashboard(address: str | None) -> None:
+    from farm.cluster.connect import dashboard_hint
+    from farm.cluster.jobqueue import api_address
+
+    print(f"dashboard: {api_address(address)} ({dashboard_hint()})")
 
 
 def cmd_status(args) -> int:
@@ -255,6 +263,7 @@ def cmd_pool(args) -> int:
     for key, job in status["jobs"].items():
         print(f"job {key}: priority {job['priority']}{' paused' if job['paused'] else ''}, "
               f"{job.get('done', 0)}/{job.get('total', 0)} done")
+    _print_dashboard(args.address)
     return 0
 
 

@@ -312,9 +312,10 @@ def test_a_job_no_pool_worker_may_serve_fails_fast_and_resumes_on_a_good_node(fa
     """A cluster whose only GPU fails every render (a broken card): the job's tasks fail there
     3 times, the worker is blocklisted for the job, and with no eligible worker left the job
     ends with that message instead of waiting. A good node joins; the resumed job finishes there
-    while the bad worker stays blocklisted."""
+    while the bad worker stays blocklisted. The head was started without the farm's venv on PATH
+    (no `python` there has the farm): the jobs' entrypoints still find the head's farm install."""
     with local_cluster(farm_cache, "sdfarm-bad-") as cluster:
-        cluster.start_head(gpus=1, cpus=2, env={"SDFARM_FAULT": "render"})
+        cluster.start_head(gpus=1, cpus=2, env={"SDFARM_FAULT": "render", "PATH": "/usr/bin:/bin"})
         loras = sorted(lora_dir.glob("*.safetensors"))[:1]
         job = submit(cluster, write_job(tmp_path, "broken", loras, 8))
         assert wait_done(cluster, job, timeout=240) == "FAILED"
@@ -466,3 +467,40 @@ def test_farm_jobs_shows_progress_and_an_eta_while_a_job_runs(service, warm_a, t
     once(service, "eta", total)
     final = job_line(service, job)
     assert re.search(rf"\s+SUCCEEDED\s+priority\s+0\s+eta: {total}/{total} done, 0 failed$", final), final
+
+
+def test_the_client_sends_rays_token_from_where_ray_keeps_it(service, warm_a, tmp_path):
+    """A head started plainly keeps its token in ~/.ray/auth_token and requires it; the user has
+    not exported RAY_AUTH_MODE. The farm's client finds the token there (or in RAY_AUTH_TOKEN_PATH),
+    and without one says in one line what is missing."""
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    plain = {k: v for k, v in service.env.items() if not k.startswith("RAY_AUTH_")}
+
+    def farm(*args, **env):
+        return subprocess.run([sys.executable, "-m", "farm.cli", *args], env={**plain, "HOME": str(home), **env},
+                              capture_output=True, text=True, timeout=300)
+
+    missing = farm("jobs")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+    assert "wants Ray's auth token and none was found" in missing.stderr
+    assert str(home / ".ray" / "auth_token") in missing.stderr and "ray get-auth-token" in missing.stderr
+
+    (home / ".ray" / "auth_token").write_text(service.token + "\n")
+    listed = farm("jobs")
+    assert listed.returncode == 0, listed.stderr
+    assert warm_a["job"] in listed.stdout
+    assert f"dashboard: {service.dashboard} (" in listed.stdout and "ray get-auth-token" in listed.stdout
+    submitted = farm("submit", str(write_job(tmp_path, "plain-head", warm_a["loras"][:1], 2)))
+    assert submitted.returncode == 0, submitted.stderr
+    assert wait_done(service, submitted.stdout.strip().splitlines()[-1]) == "SUCCEEDED"
+
+    (home / ".ray" / "auth_token").write_text("0" * 32)
+    wrong = farm("jobs")
+    assert wrong.returncode == 2 and "refused the auth token from" in wrong.stderr, wrong.stderr
+    elsewhere = tmp_path / "token"
+    elsewhere.write_text(service.token)
+    assert farm("jobs", RAY_AUTH_TOKEN_PATH=str(elsewhere)).returncode == 0

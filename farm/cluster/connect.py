@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import ray
 
@@ -68,7 +69,8 @@ def _start_local(gpus: int | None, dashboard: bool) -> None:
                        dashboard_host="127.0.0.1",  # loopback only: the dashboard can submit jobs
                        runtime_env={"env_vars": forwarded})
     if dashboard and context.dashboard_url:
-        print(f"Ray dashboard: http://{context.dashboard_url}", file=sys.stderr)
+        hint = f" ({dashboard_hint()})" if _auth_mode() == "token" else ""
+        print(f"Ray dashboard: http://{context.dashboard_url}{hint}", file=sys.stderr)
 
 
 def _auth_mode() -> str:
@@ -80,6 +82,30 @@ def _auth_mode() -> str:
     from ray._raylet import AuthenticationMode, get_authentication_mode
 
     return "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "off"
+
+
+def auth_token() -> tuple[str | None, str]:
+    """Ray's auth token where Ray's own CLI looks for it, and where it was found: the
+    `RAY_AUTH_TOKEN` variable, the file `RAY_AUTH_TOKEN_PATH` names, else `~/.ray/auth_token`
+    (which `ray start --head` writes). (None, the places looked) when there is none."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    try:
+        token = path.read_text().strip()
+    except OSError:
+        token = ""
+    if token:
+        return token, str(path)
+    return None, f"RAY_AUTH_TOKEN, {'RAY_AUTH_TOKEN_PATH=' if os.environ.get('RAY_AUTH_TOKEN_PATH') else ''}{path}"
+
+
+def dashboard_hint() -> str:
+    """How to get past the dashboard's "Authentication Token Required" page."""
+    token, where = auth_token()
+    found = f" (this machine has it in {where})" if token else ""
+    return ("the dashboard asks once for Ray's auth token: `ray get-auth-token` on the head prints it"
+            f"{found}; paste it there")
 
 
 def check_exposure(dashboard_url: str, auth_mode: str, allow_open: bool) -> None:

@@ -27,19 +27,52 @@ PROGRESS_MARK = "sdfarm-progress "
 _MAX_UPLOAD_FILE = 50 << 20  # a spec folder file above this is not sent along (say, a stray checkpoint)
 
 
+# A job's driver must run on the head's farm install whatever PATH Ray was started with (`python`
+# there may be another Python, or none). The entrypoint's shell is a child of Ray's job supervisor,
+# a Python process of the Ray install on the head; the interpreter of the environment whose
+# `ray/_raylet.so` it loaded (read from /proc/<ppid>/maps) is that install's, where the farm lives
+# beside Ray. Without /proc (or in an odd layout) it falls back to `python` on PATH.
+_HEAD_PYTHON = ('py=$(grep -m1 -o "/[^ ]*/site-packages/ray/_raylet.so" /proc/$PPID/maps 2>/dev/null); '
+                'py=${py%/lib/python*}; if [ -n "$py" ] && [ -x "$py/bin/python" ]; then py=$py/bin/python; '
+                'else py=python; fi; exec "$py" -m farm.cli')
+
+
+def entrypoint(args: list[str]) -> str:
+    """The shell command that runs `farm ARGS` on the head with the head's farm install."""
+    return f"{_HEAD_PYTHON} {shlex.join(args)}"
+
+
 def print_progress(progress: dict) -> None:
     """A line in the driver's log (the dashboard's Jobs tab): `farm jobs` reads the latest."""
     print(PROGRESS_MARK + json.dumps(progress), flush=True)
 
 
+def api_address(address: str | None) -> str:
+    return address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
+
+
 def client(address: str | None):
-    """A Jobs API client for `address` ($RAY_API_SERVER_ADDRESS, else the local dashboard)."""
+    """A Jobs API client for `address` ($RAY_API_SERVER_ADDRESS, else the local dashboard) that
+    sends Ray's auth token whenever one is found: a head started plainly (`ray start --head`)
+    requires it, and Ray's SDK sends it only when RAY_AUTH_MODE=token is exported."""
     from ray.job_submission import JobSubmissionClient
 
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
+    from farm.cluster.connect import auth_token
+
+    address = api_address(address)
+    token, where = auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=headers)
     except Exception as exc:  # connection refused, auth failure, not a Ray dashboard
+        text = " ".join(str(exc).split())
+        if "Authentication required" in text:
+            raise ClusterError(f"--address {address}: the cluster wants Ray's auth token and none was found "
+                               f"(looked in {where}); on the head `ray get-auth-token` prints it: put it in "
+                               "~/.ray/auth_token or export RAY_AUTH_TOKEN") from None
+        if "Authentication failed" in text:
+            raise ClusterError(f"--address {address}: the cluster refused the auth token from {where} (another "
+                               "cluster's?); on the head `ray get-auth-token` prints the right one") from None
         raise ClusterError(f"--address {address}: no Ray Jobs API there ({first_line(exc)}); start the cluster "
                            "(`ray up cluster.yaml`) and forward it (`ray dashboard cluster.yaml`)") from None
 
@@ -68,8 +101,7 @@ def submit(address: str | None, spec: str, job_name: str, *, overrides: list[str
     jobs_api = client(address)
     stage, override_names = _staging(Path(spec).resolve(), overrides)
     submission_id = f"sdfarm-{_slug(job_name)}-{secrets.token_hex(3)}"
-    command = ["python", "-m", "farm.cli", "run", Path(spec).name, "--job-key", submission_id,
-               "--priority", str(priority), "--quiet"]
+    command = ["run", Path(spec).name, "--job-key", submission_id, "--priority", str(priority), "--quiet"]
     for name in override_names:
         command += ["--override", name]
     if scale:
@@ -78,7 +110,7 @@ def submit(address: str | None, spec: str, job_name: str, *, overrides: list[str
         command += ["--out", out]
     command += pipeline_args
     try:
-        _submit(jobs_api, entrypoint=shlex.join(command), submission_id=submission_id,
+        _submit(jobs_api, entrypoint=entrypoint(command), submission_id=submission_id,
                 runtime_env={"working_dir": stage}, entrypoint_num_cpus=0,
                 metadata={"sdfarm": "1", "job": job_name, "priority": str(priority), "spec": spec})
     finally:
@@ -156,7 +188,7 @@ def control(address: str | None, action: str, key: str = "", timeout_s: float = 
     """Run `farm control ACTION KEY` on the head (it reaches the pool's keeper) and return its answer."""
     jobs_api = client(address)
     submission_id = f"sdfarm-control-{action}-{secrets.token_hex(3)}"
-    _submit(jobs_api, entrypoint=shlex.join(["python", "-m", "farm.cli", "control", action, key]),
+    _submit(jobs_api, entrypoint=entrypoint(["control", action, key]),
             submission_id=submission_id, entrypoint_num_cpus=0, metadata={"sdfarm-control": action})
     deadline = time.monotonic() + timeout_s
     while (status := str(jobs_api.get_job_status(submission_id))) not in ("SUCCEEDED", "FAILED", "STOPPED"):
