@@ -504,3 +504,19 @@ def test_the_client_sends_rays_token_from_where_ray_keeps_it(service, warm_a, tm
     elsewhere = tmp_path / "token"
     elsewhere.write_text(service.token)
     assert farm("jobs", RAY_AUTH_TOKEN_PATH=str(elsewhere)).returncode == 0
+
+
+def test_two_jobs_with_different_dtypes_on_one_pool_each_get_theirs(service, warm_a, tmp_path):
+    """A pool worker took on the first job's options; a later job asking for another --dtype is
+    served with it (a fresh pipeline), and the manifest records what rendered each image."""
+    loras = warm_a["loras"][:1]
+    served = {}
+    for name, dtype, expected in (("dtype-bf16", "bf16", "bfloat16"), ("dtype-fp32", "fp32", "float32")):
+        job = submit(service, write_job(tmp_path, name, loras, 3, first_seed=700), "--dtype", dtype)
+        assert wait_done(service, job) == "SUCCEEDED", service.farm("logs", job).stdout[-3000:]
+        table = once(service, name, 3)
+        assert {row["dtype"] for row in table} == {expected}, name
+        served[name] = {row["worker"] for row in table}
+    assert served["dtype-bf16"] & served["dtype-fp32"], "the same pool workers served both jobs"
+    pixels = {name: {r["seed"]: r["image_sha256"] for r in rows(service, name)} for name in served}
+    assert pixels["dtype-bf16"] != pixels["dtype-fp32"]  # bf16 and fp32 renders of the same tasks differ

@@ -42,6 +42,7 @@ class RenderResult:
     error: str = ""
     scheduler: str = ""
     device: str = ""
+    dtype: str = ""  # the UNet's dtype that rendered it: float16 | bfloat16 | float32
     node: str = field(default_factory=platform.node)
     worker: str = ""
     render_s: float = 0.0
@@ -224,6 +225,7 @@ class Renderer:
         try:
             self._restore_state()
             self._ensure_model(task)
+            result.dtype = str(self.pipe.unet.dtype).removeprefix("torch.")
             result.lora_switch_s = self.adapters.activate(task.loras)
             sampler = resolve_sampler(task.sampler)
             result.scheduler = sampler.describe()

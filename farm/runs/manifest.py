@@ -68,6 +68,7 @@ SCHEMA = pa.schema([
     ("farm_version", pa.string()),
     ("noise", pa.string()),  # the seed convention: comfyui | a1111-cpu | a1111-gpu (null: before v2)
     ("prompt_syntax", pa.string()),  # a1111 | comfyui | plain (null: before v2)
+    ("dtype", pa.string()),  # the UNet's dtype that rendered it: float16 | bfloat16 | float32 (null: before v3)
 ])
 
 
@@ -109,6 +110,7 @@ def result_row(result: RenderResult, image_path: str) -> dict:
         "render_s": result.render_s, "lora_switch_s": result.lora_switch_s,
         "started_at": result.started_at, "finished_at": result.finished_at,
         "farm_version": __version__, "noise": task.noise, "prompt_syntax": task.prompt_syntax,
+        "dtype": result.dtype or None,
     }
 
 
