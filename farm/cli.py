@@ -267,6 +267,16 @@ def cmd_pool(args) -> int:
     return 0
 
 
+def cmd_grafana(args) -> int:
+    from farm.cluster.metrics import grafana_dashboard, ray_dashboards_folder
+    from farm.files import write_atomic
+
+    path = Path(args.dir or ray_dashboards_folder()) / "sdfarm_grafana_dashboard.json"
+    write_atomic(path, json.dumps(grafana_dashboard(), indent=2).encode())
+    print(path)
+    return 0
+
+
 def cmd_control(args) -> int:
     from farm.cluster.pool import run_control
 
@@ -503,6 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pool)
 
     # runs on the head inside a control job
+    p = sub.add_parser("grafana", help="write the farm's Grafana dashboard JSON (images/s, s/image, LoRA switches, "
+                                       "queue depth, training loss) beside Ray's own dashboards")
+    p.add_argument("dir", nargs="?", help="folder (default: this machine's Ray session dashboards folder, "
+                                          "where `ray start --head` writes Ray's)")
+    p.set_defaults(func=cmd_grafana)
+
     p = sub.add_parser("control", help="(run on the head by pause/resume/pool)")
     p.add_argument("action", choices=["pause", "resume", "pool"])
     p.add_argument("key", nargs="?", default="")

@@ -360,3 +360,21 @@ def test_device_and_dtype_options_reach_the_workers(seeded_run, lora_dir, render
     bf16 = Renderer(PipelineOptions(device="cpu", dtype="bf16", threads=1)).render(task)
     assert bf16.status == "ok" and ok["image_sha256"] == bf16.image_sha256
     assert renderer.render(task).image_sha256 != ok["image_sha256"]  # fp32: the option made the difference
+
+
+def test_farm_grafana_writes_a_dashboard_beside_rays(tmp_path):
+    """`farm grafana` with no folder writes into Ray's session dashboards folder (under
+    RAY_TMPDIR), where `ray start --head` writes Ray's own; each panel queries the farm's series."""
+    import json
+
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "farm.cli", "grafana"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    path = Path(done.stdout.strip())
+    assert path == tmp_path / "ray" / "session_latest" / "metrics" / "grafana" / "dashboards" / \
+        "sdfarm_grafana_dashboard.json"
+    dashboard = json.loads(path.read_text())
+    assert dashboard["uid"] == "sdfarm" and len(dashboard["panels"]) == 8
+    assert all(target["expr"].count("ray_sdfarm_") >= 1 for panel in dashboard["panels"] for target in panel["targets"])
+    assert {panel["gridPos"]["x"] for panel in dashboard["panels"]} == {0, 12}  # two per row, none overlapping

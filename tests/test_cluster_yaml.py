@@ -135,7 +135,8 @@ def test_ray_up_and_down_for_real(launcher_possible, ssh_user, sshd):
     shutil.copy(ROOT / "jobs" / "demo.yaml", mounts / "jobs")
     config["file_mounts"] = {"~/sdfarm": str(mounts), "~/.ray/auth_token": str(token)}
     config["setup_commands"] = ["ray --version"]  # the user's PATH has Ray (see ssh_user)
-    start = head_start.replace("~/sdfarm/.venv/bin/ray", "ray").replace("--port=6379", "")
+    start = head_start.replace("~/sdfarm/.venv/bin/ray", "ray").replace("--port=6379", "").replace(
+        "--metrics-export-port=8080", "")  # free ports instead, below
     config["head_start_ray_commands"] = ["ray stop", f"RAY_TMPDIR={raytmp} {start} {ports}"]
     config["worker_start_ray_commands"] = []
     path = work / "cluster.yaml"

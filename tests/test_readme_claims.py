@@ -133,6 +133,13 @@ def test_render_and_training_metrics_reach_rays_metrics_export(ray_cluster, tmp_
     assert cumulative(train_buckets) == expected_buckets(train_buckets, [float(line["step_s"]) for line in log])
     loss = [v for labels, v in prometheus_series(text, "ray_sdfarm_train_loss") if labels.get("run") == "mrun"]
     assert loss and loss[-1] == pytest.approx(float(log[-1]["loss"]), abs=1e-5)
+    # the farm's Grafana dashboard queries only series this export serves
+    from farm.cluster.metrics import grafana_dashboard
+
+    queried = {name for panel in grafana_dashboard()["panels"] for target in panel["targets"]
+               for name in re.findall(r"ray_sdfarm_\w+", target["expr"])}
+    served = {line.split("{")[0].split()[0] for line in text.splitlines() if line.startswith("ray_sdfarm_")}
+    assert len(queried) >= 10 and queried <= served, queried - served
 
 
 # --- what a task is: content hashes ------------------------------------------------------------

@@ -44,6 +44,10 @@ def connect(address: str | None = None, gpus: int | None = None, dashboard: bool
             raise
     else:
         _leave_if_exposed(context.dashboard_url or "", allow_open)
+        if _auth_mode() == "off":
+            print("farm: warning: this Ray cluster runs without token authentication: anyone who reaches its "
+                  "ports (GCS, raylets, dashboard) can run code on every node; start it with RAY_AUTH_MODE=token "
+                  "(cluster.yaml does)", file=sys.stderr)
         return False
     _start_local(gpus, dashboard)
     return True

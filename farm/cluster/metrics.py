@@ -7,7 +7,10 @@ metrics port.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from functools import cache
+from pathlib import Path
 
 _SECONDS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
 
@@ -51,3 +54,59 @@ def record_train_step(run_name: str, node: str, loss: float, seconds: float) -> 
     metrics = farm_metrics()
     metrics.train_step_seconds.observe(seconds, {"node": node, "run": run_name})
     metrics.train_loss.set(loss, {"run": run_name})
+
+
+# Grafana: one dashboard for the farm's metrics, beside the ones Ray generates for a head
+# (`<ray temp dir>/session_latest/metrics/grafana/dashboards/`), on the same Prometheus data source.
+# (title, unit, PromQL with a legend) per panel; Ray exports each metric with the `ray_` prefix.
+PANELS = [
+    ("Images per second, by node", "ops",
+     [('sum by (node) (rate(ray_sdfarm_images_rendered_total{status="ok"}[1m]))', "{{node}}"),
+      ('sum by (node) (rate(ray_sdfarm_images_rendered_total{status="failed"}[1m]))', "{{node}} failed")]),
+    ("Seconds per image, by node", "s",
+     [("sum by (node) (rate(ray_sdfarm_image_seconds_sum[5m])) / sum by (node) "
+       "(rate(ray_sdfarm_image_seconds_count[5m]))", "{{node}} mean"),
+      ("histogram_quantile(0.9, sum by (node, le) (rate(ray_sdfarm_image_seconds_bucket[5m])))", "{{node}} p90")]),
+    ("Seconds per sampler step, by node", "s",
+     [("sum by (node) (rate(ray_sdfarm_step_seconds_sum[5m])) / sum by (node) "
+       "(rate(ray_sdfarm_step_seconds_count[5m]))", "{{node}}")]),
+    ("LoRA switches per minute, by node", "short",
+     [("60 * sum by (node) (rate(ray_sdfarm_lora_switches_total[5m]))", "{{node}}")]),
+    ("Seconds per LoRA switch, by node", "s",
+     [("sum by (node) (rate(ray_sdfarm_lora_switch_seconds_sum[5m])) / sum by (node) "
+       "(rate(ray_sdfarm_lora_switch_seconds_count[5m]))", "{{node}}")]),
+    ("Queue depth: images left, by job", "short", [("sum by (job) (ray_sdfarm_queue_depth)", "{{job}}")]),
+    ("Training loss, by run", "none", [("max by (run) (ray_sdfarm_train_loss)", "{{run}}")]),
+    ("Seconds per training step, by run", "s",
+     [("sum by (run) (rate(ray_sdfarm_train_step_seconds_sum[5m])) / sum by (run) "
+       "(rate(ray_sdfarm_train_step_seconds_count[5m]))", "{{run}}")]),
+]
+
+
+def grafana_dashboard() -> dict:
+    """The farm's Grafana dashboard (JSON model, schema 39): a time series panel per PANELS entry,
+    two per row, on the `${datasource}` Prometheus variable as Ray's own dashboards use."""
+    panels = []
+    for index, (title, unit, queries) in enumerate(PANELS):
+        panels.append({
+            "id": index + 1, "type": "timeseries", "title": title,
+            "datasource": {"type": "prometheus", "uid": "${datasource}"},
+            "gridPos": {"h": 8, "w": 12, "x": 12 * (index % 2), "y": 8 * (index // 2)},
+            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "targets": [{"refId": chr(ord("A") + n), "expr": expr, "legendFormat": legend,
+                         "datasource": {"type": "prometheus", "uid": "${datasource}"}}
+                        for n, (expr, legend) in enumerate(queries)],
+        })
+    return {
+        "uid": "sdfarm", "title": "sdfarm: renders, LoRA switches, queue, training", "schemaVersion": 39,
+        "version": 1, "editable": True, "refresh": "10s", "time": {"from": "now-1h", "to": "now"},
+        "tags": ["sdfarm", "ray"], "panels": panels,
+        "templating": {"list": [{"name": "datasource", "label": "Data source", "type": "datasource",
+                                 "query": "prometheus", "current": {}, "hide": 0}]},
+    }
+
+
+def ray_dashboards_folder() -> Path:
+    """Where `ray start --head` writes its Grafana dashboards on this machine."""
+    root = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray"
+    return root / "session_latest" / "metrics" / "grafana" / "dashboards"
