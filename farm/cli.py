@@ -260,6 +260,10 @@ def cmd_pool(args) -> int:
         print(f"{name}: {worker.get('name', '?')} holds {holding} + {len(worker.get('adapters', []))} LoRA(s); "
               f"{worker.get('rendered', 0)} rendered, {worker.get('pipeline_loads', 0)} pipeline loads, "
               f"{worker.get('fetched', 0)} files fetched; lent to {worker.get('held_by') or 'nobody'}")
+        if worker.get("fetching"):
+            fetching = worker["fetching"]
+            print(f"  fetching model {fetching['model']}: {fetching['done'] / 2**30:.2f} of "
+                  f"{fetching['total'] / 2**30:.2f} GiB")
     for key, job in status["jobs"].items():
         print(f"job {key}: priority {job['priority']}{' paused' if job['paused'] else ''}, "
               f"{job.get('done', 0)}/{job.get('total', 0)} done")

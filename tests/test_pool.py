@@ -392,7 +392,8 @@ def test_a_job_whose_model_is_on_no_node_fails_with_one_line_and_renders_nothing
     errors = [line for line in logs.splitlines() if line.startswith("farm: error:")]
     assert len(errors) == 1 and "Traceback" not in logs, logs[-3000:]
     nodes = re.fullmatch(rf"farm: error: {re.escape(str(ghost))}: model is on none of the cluster's nodes "
-                         r"\(([0-9a-f]{8}), ([0-9a-f]{8})\); put it at that path on the nodes that should render it",
+                         r"\(([0-9a-f]{8}), ([0-9a-f]{8})\); put it at that path on the node that plans the job "
+                         r"\(it sends it to the others\)",
                          errors[0])
     assert nodes, f"job lost the race with the test (it checked before the model was removed) or: {errors[0]}"
     assert set(nodes.groups()) == {service.node_id("head"), service.node_id("node1")}
@@ -521,3 +522,27 @@ def test_two_jobs_with_different_dtypes_on_one_pool_each_get_theirs(service, war
         served[name] = table
     pixels = {name: {r["seed"]: r["image_sha256"] for r in rows(service, name)} for name in served}
     assert pixels["dtype-bf16"] != pixels["dtype-fp32"]  # bf16 and fp32 renders of the same tasks differ
+
+
+def test_a_model_only_the_planning_node_has_renders_on_the_other_node_from_a_checked_copy(service, warm_a,
+                                                                                          tmp_path):
+    """Two laptops share no disk: a base model the head planned with is sent to the other node
+    (by content hash, in blocks, checked), which renders with its copy; it is fetched once."""
+    from farm.models.artifacts import HashCache
+    from farm.models.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "models" / "my-sdxl", seed=7)  # new weights: no node has a copy yet
+    sha = HashCache().model(model)
+
+    def bytes_fetched() -> int:
+        return sum(w.get("model_bytes_fetched", 0) for w in pool(service)["workers"].values())
+
+    before = bytes_fetched()
+    job = submit(service, write_job(tmp_path, "ship-model", [], 24, model=str(model)))
+    assert wait_done(service, job, timeout=300) == "SUCCEEDED", service.farm("logs", job).stdout[-3000:]
+    table = once(service, "ship-model", 24)
+    assert service.node_id("node1") in worker_nodes(table), "the other node rendered nothing"
+    copy = service.root / "node1-cache" / "models" / sha
+    assert copy.is_dir() and HashCache().model(copy) == sha
+    assert "fetching model my-sdxl" in service.farm("logs", job).stdout  # progress in the job's log
+    assert bytes_fetched() - before == sum(p.stat().st_size for p in copy.rglob("*") if p.is_file())  # once

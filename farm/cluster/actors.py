@@ -25,8 +25,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from farm.cluster.connect import NAMESPACE
 from farm.cluster.metrics import record_render, record_train_step
-from farm.errors import LoraError
-from farm.models.artifacts import fetched_copy, is_shared
+from farm.errors import LoraError, ModelError
+from farm.models.artifacts import fetched_copy, fetched_model, is_shared, model_listing
 from farm.models.cache import farm_cache
 from farm.render.pipeline import PipelineOptions
 from farm.render.renderer import Renderer, RenderResult
@@ -69,7 +69,8 @@ class GpuWorker:
         self.name = f"worker:{self.slot}@{self.node}/{self.node_id[:8]}"
         self.renderer = self._new_renderer()
         self.counters = {"pipeline_loads": 0, "lora_loads": 0, "fetched": 0, "rendered": 0, "failed": 0, "trained": 0,
-                         "scored": 0}
+                         "scored": 0, "model_bytes_fetched": 0}
+        self.fetching: dict | None = None  # a base model on its way to this node: name, done, total
         self.scorer = None  # farm.score.scorer.Scorer, built by the first score_batch
 
     def __repr__(self) -> str:  # the name the Ray dashboard shows for this actor
@@ -78,6 +79,7 @@ class GpuWorker:
     def _new_renderer(self) -> Renderer:
         renderer = Renderer(self.options, worker=self.name)
         renderer.locate = self._locate
+        renderer.locate_model = self._locate_model
         self._source: Source | None = None
         return renderer
 
@@ -123,6 +125,37 @@ class GpuWorker:
                                      lambda offset, length: ray.get(server.read.remote(lora.sha256, offset, length)))
         self.counters["fetched"] += fetched
         return path
+
+    def _locate_model(self, task: Task) -> str:
+        """The planned model path on the planning node (or a shared root); else this node's copy,
+        fetched once (resuming a cut-short copy) and checked against the plan's hash."""
+        source = self._source
+        if source is None or source.node_id == self.node_id or is_shared(task.model_path):
+            return task.model_path
+        server = ray.get_actor(source.server, namespace=NAMESPACE)
+        sha = task.model_sha256
+        listing = ray.get(server.listing.remote(sha))
+        if listing is None:
+            raise ModelError(f"{task.model_path}: the planning node no longer offers this model")
+        name = Path(task.model_path).name
+
+        def progress(done: int, total: int) -> None:
+            self.fetching = {"model": name, "sha256": sha, "done": done, "total": total}
+            if done == total or done - self._fetch_said >= total / 20:
+                print(f"[{self.name}] fetching model {name} ({sha[:12]}): {done / 2**30:.2f} of "
+                      f"{total / 2**30:.2f} GiB", flush=True)
+                self._fetch_said = done
+
+        self._fetch_said = 0
+        try:
+            path, fetched = fetched_model(
+                sha, listing, lambda member, offset, length: ray.get(server.read_member.remote(sha, member, offset,
+                                                                                              length)), progress)
+        finally:
+            self.fetching = None
+        self.counters["fetched"] += bool(fetched)
+        self.counters["model_bytes_fetched"] += fetched
+        return str(path)
 
     def train(self, run: TrainRun) -> Iterator[Checkpoint]:
         """Train one run, yielding each Checkpoint as it is saved."""
@@ -172,7 +205,8 @@ class GpuWorker:
         counters = dict(self.counters)
         counters["pipeline_loads"] += held.pop("pipeline_loads")
         counters["lora_loads"] += held.pop("lora_loads")
-        return {"name": self.name, "node": self.node, "node_id": self.node_id, "pid": os.getpid(), **held, **counters}
+        return {"name": self.name, "node": self.node, "node_id": self.node_id, "pid": os.getpid(), **held, **counters,
+                "fetching": self.fetching}
 
 
 def torch_cuda_available() -> bool:
@@ -186,6 +220,7 @@ class ArtifactServer:
 
     def __init__(self):
         self.files: dict[str, str] = {}
+        self.listings: dict[str, dict] = {}
 
     def offer(self, files: dict[str, str]) -> None:
         """{sha256: path}: only offered files are ever read."""
@@ -197,6 +232,25 @@ class ArtifactServer:
 
     def read(self, sha256: str, offset: int, length: int) -> bytes:
         with open(self.files[sha256], "rb") as handle:
+            handle.seek(offset)
+            return handle.read(length)
+
+    def listing(self, sha256: str) -> dict | None:
+        """An offered base model's files (see `fetched_model`); None when it is gone."""
+        path = self.files.get(sha256)
+        if not path or not Path(path).exists():
+            return None
+        if sha256 not in self.listings:
+            self.listings[sha256] = model_listing(Path(path))
+        return self.listings[sha256]
+
+    def read_member(self, sha256: str, name: str, offset: int, length: int) -> bytes:
+        """A block of one file of an offered model; only names its listing holds are read."""
+        listing = self.listings[sha256]
+        if name not in {member for member, _, _ in listing["files"]}:
+            raise LoraError(f"{name}: not a file of the offered model {sha256[:12]}")
+        path = Path(self.files[sha256])
+        with open(path if listing["kind"] == "file" else path / name, "rb") as handle:
             handle.seek(offset)
             return handle.read(length)
 

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import ray
@@ -530,8 +531,9 @@ class SharedPool:
         self.recycling[self.keeper.recycle.remote(self.key, name)] = name
 
     def offer(self, chunk: list[Task]) -> None:
-        """Let workers on other nodes fetch this chunk's LoRAs from this node."""
+        """Let workers on other nodes fetch this chunk's LoRAs and base models from this node."""
         files = {lora.sha256: lora.path for task in chunk for lora in task.loras if lora.sha256 not in self.offered}
+        files.update({task.model_sha256: task.model_path for task in chunk if task.model_sha256 not in self.offered})
         if files or self._source is None:
             self._source = replace(artifact_source(files), options=self.options)
             self.offered.update(files)
@@ -554,18 +556,19 @@ class SharedPool:
         self.keeper.lost.remote(name)
 
     def check_models(self, paths: list[str]) -> None:
-        """Fail before rendering when no node has a base model (they are never shipped per task)."""
+        """Fail before rendering when no node has a base model (the planning node sends it to the
+        nodes without it; a model gone from every node, this one too, cannot be sent)."""
         lacking = ray.get(self.keeper.missing.remote(sorted(set(paths))))
         if not lacking:
             raise ClusterError("the cluster has no GPU nodes (start nodes with `ray start --num-gpus N`)")
         for path in sorted(set(paths)):
             without = [node[:8] for node, missing in lacking.items() if path in missing]
-            if len(without) == len(lacking):
+            if len(without) == len(lacking) and not Path(path).exists():
                 raise ClusterError(f"{path}: model is on none of the cluster's nodes ({', '.join(without)}); "
-                                   "put it at that path on the nodes that should render it")
+                                   "put it at that path on the node that plans the job (it sends it to the others)")
             if without:
-                print(f"farm: warning: nodes {', '.join(without)} lack {path}; its tasks fail there",
-                      file=sys.stderr)
+                print(f"farm: nodes {', '.join(without)} lack {path}: each fetches a checked copy from this node "
+                      "once (resumed if cut short)", file=sys.stderr)
 
     def close(self) -> None:
         try:

@@ -245,3 +245,99 @@ def fetched_copy(sha256: str, suffix: str, size: int, read_block) -> tuple[Path,
             raise LoraError(f"{sha256[:12]}{suffix}: the copy fetched from the planning node has other "
                             "bytes than the plan hashed (file changed there?); plan again")
     return target, True
+
+
+# --- Base models across nodes ------------------------------------------------------------------
+# A base model (a diffusers folder or one .safetensors file, often 7 GB) is sent like a LoRA: by
+# content hash, in blocks, into this node's cache, checked file by file and as a whole against the
+# plan's hash. Unlike a LoRA it is worth resuming: a copy cut short (a killed worker, a closed lid)
+# keeps its bytes in `<sha>.partial/` and goes on from there. One worker per node fetches a model
+# at a time (a file lock); the others wait for it and use its copy.
+
+def model_listing(path: Path) -> dict:
+    """What a node needs to fetch the model at `path`: {"kind": "file" | "folder", "files":
+    [(relative name, size, sha256)]}, in the order (and with the names) its model hash covers."""
+    hashes = HashCache()
+    try:
+        if path.is_file():
+            files = [(path.name, path.stat().st_size, hashes.file(path))]
+            kind = "file"
+        else:
+            files = [(p.relative_to(path).as_posix(), p.stat().st_size, hashes.file(p)) for p in _model_files(path)]
+            kind = "folder"
+    finally:
+        hashes.save()
+    return {"kind": kind, "files": files}
+
+
+def _listing_hash(listing: dict) -> str:
+    """The model hash a listing adds up to (HashCache.model's, from the per-file hashes)."""
+    if listing["kind"] == "file":
+        return listing["files"][0][2]
+    return hashlib.sha256("\n".join(f"{name} {sha}" for name, _, sha in listing["files"]).encode()).hexdigest()
+
+
+def fetched_model(sha256: str, listing: dict, read_block, on_progress=None) -> tuple[Path, int]:
+    """This node's copy of the model `sha256`: (path, bytes fetched now). `read_block(name,
+    offset, length)` reads the planning node's bytes; `on_progress(done, total)` sees each block."""
+    import fcntl
+
+    if _listing_hash(listing) != sha256:
+        raise ModelError(f"{sha256[:12]}: the planning node lists other files than the plan hashed (model changed "
+                         "there?); plan again")
+    root = node_cache_dir() / "models"
+    single = listing["kind"] == "file"
+    target = root / (f"{sha256}{Path(listing['files'][0][0]).suffix}" if single else sha256)
+    if target.exists():
+        return target, 0
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{sha256}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another worker of this node fetching it: wait, then use its copy
+        if target.exists():
+            return target, 0
+        partial = root / f"{sha256}.partial"
+        total, done, fetched = sum(size for _, size, _ in listing["files"]), 0, 0
+        for name, size, sha in listing["files"]:
+            def read(offset, length, name=name):
+                return read_block(name, offset, length)
+
+            def progress(count, base=done):
+                if on_progress:
+                    on_progress(base + count, total)
+
+            fetched += _resume_file(partial / name, size, sha, read, progress)
+            done += size
+        os.replace(partial / listing["files"][0][0] if single else partial, target)
+        if single:
+            partial.rmdir()
+    return target, fetched
+
+
+def _resume_file(path: Path, size: int, sha256: str, read, progress) -> int:
+    """Bring `path` to `size` bytes read from `read(offset, length)`, going on from what it already
+    holds, and check it against `sha256` (a wrong copy is removed: the next try starts over)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    have = path.stat().st_size if path.exists() else 0
+    if have > size:
+        path.unlink()
+        have = 0
+    fetched = 0
+    with open(path, "ab") as handle:
+        while have < size:
+            block = read(have, min(FETCH_BLOCK, size - have))
+            if not block:
+                break
+            handle.write(block)
+            have += len(block)
+            fetched += len(block)
+            progress(have)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != sha256:
+        path.unlink()
+        raise ModelError(f"{path.name}: the copy fetched from the planning node has other bytes than it listed "
+                         "(file changed there?); plan again")
+    progress(size)
+    return fetched

@@ -154,6 +154,7 @@ class Renderer:
         self.vae_scale = 8
         self.adapters: AdapterCache | None = None
         self.locate = None  # LoraUse → local Path; None: the planned path
+        self.locate_model = None  # Task → local model path; None: the planned path
         self.memory_steps: list[str] = []  # lower-memory settings on (from the plan or an out-of-memory)
         self.memory_plan: memory.MemoryPlan | None = None
         self.vae_upcast = False
@@ -184,7 +185,8 @@ class Renderer:
             return
         if self.pipe is not None:  # never two pipelines at once
             self.close()
-        pipe, plan, notes = load_planned(task.model_path, self.options)
+        path = self.locate_model(task) if self.locate_model else task.model_path
+        pipe, plan, notes = load_planned(path, self.options)
         self.pipe, self.memory_plan = pipe, plan
         self.notes.extend(notes)
         self.memory_steps = {"none": [], "model": ["model_offload"],
