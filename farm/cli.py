@@ -147,6 +147,10 @@ def cmd_run(args) -> int:
                 train_and_evaluate=lambda trains, replan: run_study(trains, replan, run, **common))
         else:
             summary = run_plan(plan, run, **common)
+        final = {"total": summary.total, "done": summary.ok + summary.skipped, "failed": summary.failed, "left": 0,
+                 "eta_s": 0, "updated": time.time()}
+        if pool is not None:
+            pool.final_progress = final  # the keeper keeps it for `farm jobs`
     finally:
         if pool is not None:
             pool.close()
@@ -155,8 +159,7 @@ def cmd_run(args) -> int:
 
             ray.shutdown()
     if args.job_key:
-        print_progress({"total": summary.total, "done": summary.ok + summary.skipped, "failed": summary.failed,
-                        "left": 0, "eta_s": 0, "updated": time.time()})
+        print_progress(final)
     if training:
         print(f"{args.job.job}: {len(run.read_checkpoints())} checkpoints from {len(runs)} run(s) in {run.train_dir}")
         print("evaluation: ", end="")
@@ -188,8 +191,12 @@ def cmd_jobs(args) -> int:
     from farm.cluster import jobqueue
 
     jobs = jobqueue.farm_jobs(args.address)
+    known = jobqueue.progress_of_all(args.address) if jobs else {}
     for job in jobs:
-        print(jobqueue.describe(job, jobqueue.progress_of(args.address, job.submission_id)))
+        progress = known.get(job.submission_id)
+        if progress is None:  # not in the keeper (it restarted since): the last line of the job's log
+            progress = jobqueue.progress_of(args.address, job.submission_id)
+        print(jobqueue.describe(job, progress))
     if not jobs:
         print("no farm jobs on this cluster (farm submit SPEC)")
     _print_dashboard(args.address)

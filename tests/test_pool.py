@@ -546,3 +546,17 @@ def test_a_model_only_the_planning_node_has_renders_on_the_other_node_from_a_che
     assert copy.is_dir() and HashCache().model(copy) == sha
     assert "fetching model my-sdxl" in service.farm("logs", job).stdout  # progress in the job's log
     assert bytes_fetched() - before == sum(p.stat().st_size for p in copy.rglob("*") if p.is_file())  # once
+
+
+def test_farm_jobs_reads_progress_from_the_keeper_in_one_call(service, warm_a, monkeypatch):
+    """A finished job's final progress stays with the pool's keeper: `farm jobs` asks it once
+    for every job instead of downloading each job's whole log."""
+    from farm.cluster.jobqueue import progress_of_all
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", service.token)
+    known = progress_of_all(service.dashboard)
+    assert known[warm_a["job"]]["done"] == known[warm_a["job"]]["total"] == 24
+    assert known[warm_a["job"]]["left"] == 0 and known[warm_a["job"]]["failed"] == 0
+    listed = service.farm("jobs").stdout
+    assert next(line for line in listed.splitlines() if line.startswith(warm_a["job"])).endswith(
+        "24/24 done, 0 failed")

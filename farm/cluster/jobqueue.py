@@ -137,8 +137,15 @@ def farm_jobs(address: str | None) -> list:
     return sorted(farm_details, key=lambda details: details.start_time or 0)
 
 
+def progress_of_all(address: str | None) -> dict[str, dict]:
+    """Every job's latest progress as the pool's keeper holds it (running jobs report every few
+    seconds, finished ones leave their last): one call, however long the jobs' logs are."""
+    return control(address, "jobs").get("progress", {})
+
+
 def progress_of(address: str | None, submission_id: str) -> dict:
-    """The latest progress line the job's driver printed ({} before the first)."""
+    """The latest progress line the job's driver printed ({} before the first): for a job the
+    keeper does not know (it ended before the cluster restarted). Reads the whole log."""
     logs = client(address).get_job_logs(submission_id)
     for line in reversed(logs.splitlines()):
         if line.startswith(PROGRESS_MARK):
