@@ -560,3 +560,36 @@ def test_farm_jobs_reads_progress_from_the_keeper_in_one_call(service, warm_a, m
     listed = service.farm("jobs").stdout
     assert next(line for line in listed.splitlines() if line.startswith(warm_a["job"])).endswith(
         "24/24 done, 0 failed")
+
+
+@pytest.mark.slow
+def test_the_dashboard_opens_with_the_token_the_farm_says_how_to_get_and_lists_the_workers(service, warm_a):
+    """In a real headless Chromium: the dashboard asks for Ray's token (the farm's hint names
+    `ray get-auth-token`); with it, the Actors view lists the pool's named workers."""
+    from test_page import CHROMIUM, CHROMIUM_ARGS
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[test])")
+    assert "ray get-auth-token" in service.farm("jobs").stdout  # how the user learns to get the token
+    names = sorted(pool(service)["workers"])
+    assert names and all(name.startswith("sdfarm-worker-") for name in names)
+    artifacts = Path(__file__).resolve().parents[1] / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(service.dashboard)
+            field = page.get_by_placeholder("Enter your authentication token")
+            field.wait_for(timeout=30_000)  # "Authentication Token Required"
+            field.fill(service.token)
+            page.get_by_role("button", name="Submit").click()
+            field.wait_for(state="detached", timeout=30_000)
+            page.goto(f"{service.dashboard}/#/actors")
+            for name in names:
+                page.get_by_text(name, exact=False).first.wait_for(timeout=60_000)
+            page.screenshot(path=str(artifacts / "ray-dashboard-actors.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (artifacts / "ray-dashboard-actors.png").stat().st_size > 10_000
