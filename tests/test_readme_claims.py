@@ -8,11 +8,14 @@ import csv
 import hashlib
 import re
 import shutil
+import signal
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from local_cluster import kill_marked
 
 from farm.sweep.plan import plan_job
 from farm.sweep.spec import parse_spec
@@ -285,3 +288,63 @@ def test_a_run_folder_whose_options_changed_is_refused(trained_folder):
     with pytest.raises(FarmError, match="trained with other options, images or model"):
         list(train_run(run, "cpu", pipeline=PipelineOptions(device="cpu", threads=1)))
 
+
+
+# --- a local run keeps Ray's token auth on -------------------------------------------------------
+
+LOCAL_RUN_PROBE = r'''
+import json, os, subprocess, sys, urllib.error, urllib.request
+import ray
+from farm.cluster.connect import auth_token, connect
+
+connect(gpus=1, local=True)  # what `farm run --local` does
+info = ray.worker.global_worker.node.address_info
+token, where = auth_token()
+
+def jobs_api(headers):
+    request = urllib.request.Request(f"http://{info['webui_url']}/api/jobs/", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+def join(with_token):
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": with_token}
+    code = f"import ray; ray.init(address={info['gcs_address']!r}); print('joined')"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+
+print(json.dumps({"where": where, "dashboard": info["webui_url"], "no_token": jobs_api({}),
+                  "token": jobs_api({"Authorization": f"Bearer {token}"}),
+                  "gcs_wrong": "joined" in join("0" * 32), "gcs_right": "joined" in join(token)}))
+ray.shutdown()
+'''
+
+
+def test_a_local_run_refuses_whoever_lacks_its_token(tmp_path):
+    """README "Ray exposure": a local `farm run` starts Ray with token auth on (its GCS listens on
+    the routable address): its Jobs API answers 401 without the token, and its GCS lets in only a
+    client with the token Ray wrote to ~/.ray/auth_token."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="sdfarm-auth-", dir="/tmp")  # short: Ray's socket paths fit 107 bytes
+    env = {**os.environ, "HOME": str(tmp_path), "RAY_TMPDIR": ray_tmp}
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        env.pop(name, None)
+    try:
+        done = subprocess.run([sys.executable, "-c", LOCAL_RUN_PROBE], env=env, capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        kill_marked(f"RAY_TMPDIR={ray_tmp}".encode(), signal.SIGKILL)  # whatever outlived ray.shutdown
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert probe["where"] == str(tmp_path / ".ray" / "auth_token") and probe["dashboard"].startswith("127.0.0.1:")
+    assert (probe["no_token"], probe["token"]) == (401, 200)
+    assert (probe["gcs_wrong"], probe["gcs_right"]) == (False, True)
+    assert "ray get-auth-token" in done.stderr  # the dashboard link comes with how to get past its token page
