@@ -266,7 +266,8 @@ def cmd_pool(args) -> int:
         holding = (worker.get("model_sha256") or "nothing")[:12]
         print(f"{name}: {worker.get('name', '?')} holds {holding} + {len(worker.get('adapters', []))} LoRA(s); "
               f"{worker.get('rendered', 0)} rendered, {worker.get('pipeline_loads', 0)} pipeline loads, "
-              f"{worker.get('fetched', 0)} files fetched; lent to {worker.get('held_by') or 'nobody'}")
+              f"{worker.get('fetched', 0)} LoRA files and {worker.get('models_fetched', 0)} models fetched; "
+              f"lent to {worker.get('held_by') or 'nobody'}")
         if worker.get("fetching"):
             fetching = worker["fetching"]
             print(f"  fetching model {fetching['model']}: {fetching['done'] / 2**30:.2f} of "
@@ -531,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_grafana)
 
     p = sub.add_parser("control", help="(run on the head by pause/resume/pool)")
-    p.add_argument("action", choices=["pause", "resume", "pool"])
+    p.add_argument("action", choices=["pause", "resume", "pool", "jobs"])
     p.add_argument("key", nargs="?", default="")
     p.set_defaults(func=cmd_control)
 

@@ -69,7 +69,7 @@ class GpuWorker:
         self.name = f"worker:{self.slot}@{self.node}/{self.node_id[:8]}"
         self.renderer = self._new_renderer()
         self.counters = {"pipeline_loads": 0, "lora_loads": 0, "fetched": 0, "rendered": 0, "failed": 0, "trained": 0,
-                         "scored": 0, "model_bytes_fetched": 0}
+                         "scored": 0, "models_fetched": 0, "model_bytes_fetched": 0}
         self.fetching: dict | None = None  # a base model on its way to this node: name, done, total
         self.scorer = None  # farm.score.scorer.Scorer, built by the first score_batch
 
@@ -153,7 +153,7 @@ class GpuWorker:
                                                                                               length)), progress)
         finally:
             self.fetching = None
-        self.counters["fetched"] += bool(fetched)
+        self.counters["models_fetched"] += bool(fetched)
         self.counters["model_bytes_fetched"] += fetched
         return str(path)
 
