@@ -189,15 +189,7 @@ class RunFolder:
 
     def read(self) -> pa.Table:
         """All rows, one per task: `ok` wins over `failed`, then the latest finish wins."""
-        tables = []
-        for part in self.parts():
-            try:
-                tables.append(pq.read_table(part, schema=SCHEMA))
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise ManifestError(f"{part}: unreadable manifest part: {exc}") from None
-        if not tables:
-            return SCHEMA.empty_table()
-        return latest_per_task(pa.concat_tables(tables))
+        return latest_per_task(read_parts(self.manifest_dir, SCHEMA, "manifest"))
 
     def done_ids(self) -> set[str]:
         table = self.read()
@@ -216,16 +208,33 @@ class RunFolder:
         write_atomic(self.run_file, json.dumps(info, indent=2, sort_keys=True).encode())
 
 
+def read_parts(folder: Path, schema: pa.Schema, what: str) -> pa.Table:
+    """Every `part-*.parquet` in `folder`, read with `schema`, as one table (empty without parts).
+    Parts are only ever added, each written whole: a part that cannot be read is an error."""
+    tables = []
+    for part in sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []:
+        try:
+            tables.append(pq.read_table(part, schema=schema))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ManifestError(f"{part}: unreadable {what} part: {exc}") from None
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def first_per_task(table: pa.Table) -> pa.Table:
+    """The first row of each task id in a table sorted by task id (then by preference)."""
+    if table.num_rows == 0:
+        return table
+    ids = table["task_id"].combine_chunks()
+    return table.filter(pa.concat_arrays([pa.array([True]), pc.not_equal(ids[1:], ids[:-1])]))
+
+
 def latest_per_task(table: pa.Table) -> pa.Table:
     """Fold rows to one per task_id: ok before failed, later finished_at before earlier."""
     if table.num_rows == 0:
         return table
     ranked = table.append_column("_ok", pc.cast(pc.equal(table["status"], "ok"), pa.int8()))
     ranked = ranked.sort_by([("task_id", "ascending"), ("_ok", "descending"), ("finished_at", "descending")])
-    ids = ranked["task_id"].combine_chunks()
-    starts_new_task = pc.not_equal(ids[1:], ids[:-1])
-    keep = pa.concat_arrays([pa.array([True]), starts_new_task])
-    return ranked.filter(keep).drop_columns(["_ok"]).sort_by("order")
+    return first_per_task(ranked).drop_columns(["_ok"]).sort_by("order")
 
 
 class ManifestWriter:

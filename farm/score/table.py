@@ -17,9 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from farm.errors import ManifestError
 from farm.files import write_atomic
-from farm.runs.manifest import RunFolder
+from farm.runs.manifest import RunFolder, first_per_task, read_parts
 
 SCORE_SCHEMA = pa.schema([
     ("task_id", pa.string()),
@@ -58,19 +57,8 @@ class ScoreTable:
 
     def read(self) -> pa.Table:
         """One row per task: the latest scored."""
-        parts = sorted(self.folder.glob("part-*.parquet")) if self.folder.is_dir() else []
-        tables = []
-        for part in parts:
-            try:
-                tables.append(pq.read_table(part, schema=SCORE_SCHEMA))
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise ManifestError(f"{part}: unreadable scores part: {exc}") from None
-        if not tables:
-            return SCORE_SCHEMA.empty_table()
-        table = pa.concat_tables(tables).sort_by([("task_id", "ascending"), ("scored_at", "descending")])
-        ids = table["task_id"].combine_chunks()
-        first_of_task = pa.concat_arrays([pa.array([True]), pc.not_equal(ids[1:], ids[:-1])])
-        return table.filter(first_of_task)
+        table = read_parts(self.folder, SCORE_SCHEMA, "scores")
+        return first_per_task(table.sort_by([("task_id", "ascending"), ("scored_at", "descending")]))
 
     def scored(self, reference: str) -> dict[str, str]:
         """task id → image hash of what is already scored against `reference`."""
