@@ -138,15 +138,16 @@ class GpuWorker:
         if listing is None:
             raise ModelError(f"{task.model_path}: the planning node no longer offers this model")
         name = Path(task.model_path).name
+        said = 0
 
-        def progress(done: int, total: int) -> None:
+        def progress(done: int, total: int) -> None:  # for `farm pool`, and every 5 % in the log
+            nonlocal said
             self.fetching = {"model": name, "sha256": sha, "done": done, "total": total}
-            if done == total or done - self._fetch_said >= total / 20:
+            if done == total or done - said >= total / 20:
                 print(f"[{self.name}] fetching model {name} ({sha[:12]}): {done / 2**30:.2f} of "
                       f"{total / 2**30:.2f} GiB", flush=True)
-                self._fetch_said = done
+                said = done
 
-        self._fetch_said = 0
         try:
             path, fetched = fetched_model(
                 sha, listing, lambda member, offset, length: ray.get(server.read_member.remote(sha, member, offset,
@@ -196,7 +197,7 @@ class GpuWorker:
 
     @ray.method(concurrency_group="info")  # answers while a render or training runs
     def missing(self, paths: list[str]) -> list[str]:
-        """Which of `paths` this node lacks (a base model must be on every node that renders it)."""
+        """Which of `paths` this node lacks (a base model it lacks is fetched from the planning node)."""
         return [path for path in paths if not Path(path).exists()]
 
     @ray.method(concurrency_group="info")
@@ -248,7 +249,7 @@ class ArtifactServer:
         """A block of one file of an offered model; only names its listing holds are read."""
         listing = self.listings[sha256]
         if name not in {member for member, _, _ in listing["files"]}:
-            raise LoraError(f"{name}: not a file of the offered model {sha256[:12]}")
+            raise ModelError(f"{name}: not a file of the offered model {sha256[:12]}")
         path = Path(self.files[sha256])
         with open(path if listing["kind"] == "file" else path / name, "rb") as handle:
             handle.seek(offset)
