@@ -436,14 +436,15 @@ def job_line(service, job_id) -> str:
 
 
 def test_farm_jobs_shows_progress_and_an_eta_while_a_job_runs(service, warm_a, tmp_path):
-    """`farm jobs` prints state, done/failed/total and an ETA from the driver's progress lines
-    (one every 10 s) while the job runs; afterwards its counts are the manifest's."""
-    # a job of the warm pool's settings sized to render for ~18 s here, from the warm first job's pace: the
-    # driver prints progress at its start, maybe before the first image, then every 10 s
+    """`farm jobs` prints state, done/failed/total and an ETA from the progress the driver reports
+    to the pool's keeper (every 2 s) while the job runs; afterwards its counts are the manifest's."""
+    # a job of the warm pool's settings sized to render for ~40 s here, from the warm first job's pace:
+    # each `farm jobs` asks the keeper through a short control job, which takes seconds on a loaded box
+    # (at ~18 s a job once ended before the listing caught it running)
     finished = sorted(r["finished_at"] for r in rows(service, "warm-a"))
     half = len(finished) // 2
     pace = (len(finished) - 1 - half) / max((finished[-1] - finished[half]).total_seconds(), 0.01)
-    seeds = min(max(round(18 * pace / 2), 20), 1000)
+    seeds = min(max(round(40 * pace / 2), 20), 1000)
     job = submit(service, write_job(tmp_path, "eta", warm_a["loras"], seeds, first_seed=2000))
     total = 2 * seeds
 
