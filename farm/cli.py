@@ -191,12 +191,8 @@ def cmd_jobs(args) -> int:
     from farm.cluster import jobqueue
 
     jobs = jobqueue.farm_jobs(args.address)
-    known = jobqueue.progress_of_all(args.address) if jobs else {}
     for job in jobs:
-        progress = known.get(job.submission_id)
-        if progress is None:  # not in the keeper (it restarted since): the last line of the job's log
-            progress = jobqueue.progress_of(args.address, job.submission_id)
-        print(jobqueue.describe(job, progress))
+        print(jobqueue.describe(job, jobqueue.progress_of(args.address, job.submission_id)))
     if not jobs:
         print("no farm jobs on this cluster (farm submit SPEC)")
     _print_dashboard(args.address)

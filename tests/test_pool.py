@@ -436,11 +436,10 @@ def job_line(service, job_id) -> str:
 
 
 def test_farm_jobs_shows_progress_and_an_eta_while_a_job_runs(service, warm_a, tmp_path):
-    """`farm jobs` prints state, done/failed/total and an ETA from the progress the driver reports
-    to the pool's keeper (every 2 s) while the job runs; afterwards its counts are the manifest's."""
+    """`farm jobs` prints state, done/failed/total and an ETA from the driver's progress lines
+    (one every 10 s) while the job runs; afterwards its counts are the manifest's."""
     # a job of the warm pool's settings sized to render for ~40 s here, from the warm first job's pace:
-    # each `farm jobs` asks the keeper through a short control job, which takes seconds on a loaded box
-    # (at ~18 s a job once ended before the listing caught it running)
+    # (at ~18 s a job once ended before a listing caught it running with an ETA)
     finished = sorted(r["finished_at"] for r in rows(service, "warm-a"))
     half = len(finished) // 2
     pace = (len(finished) - 1 - half) / max((finished[-1] - finished[half]).total_seconds(), 0.01)
@@ -552,8 +551,8 @@ def test_a_model_only_the_planning_node_has_renders_on_the_other_node_from_a_che
 
 
 def test_farm_jobs_reads_progress_from_the_keeper_in_one_call(service, warm_a, monkeypatch):
-    """A finished job's final progress stays with the pool's keeper: `farm jobs` asks it once
-    for every job instead of downloading each job's whole log."""
+    """A finished job's final progress stays with the pool's keeper, readable for every job in one
+    call (`farm jobs` still reads each job's log: see the session note)."""
     from farm.cluster.jobqueue import progress_of_all
 
     monkeypatch.setenv("RAY_AUTH_TOKEN", service.token)
