@@ -144,8 +144,8 @@ def progress_of_all(address: str | None) -> dict[str, dict]:
 
 
 def progress_of(address: str | None, submission_id: str) -> dict:
-    """The latest progress line the job's driver printed ({} before the first): for a job the
-    keeper does not know (it ended before the cluster restarted). Reads the whole log."""
+    """The latest progress line the job's driver printed ({} before the first). Reads the whole
+    log: `farm jobs` still uses this; `progress_of_all` (the keeper's copy) is not wired in yet."""
     logs = client(address).get_job_logs(submission_id)
     for line in reversed(logs.splitlines()):
         if line.startswith(PROGRESS_MARK):
