@@ -90,6 +90,12 @@ class GpuWorker:
         self.counters["pipeline_loads"] += self.renderer.pipeline_loads
         self.counters["lora_loads"] += self.renderer.retired_lora_loads
 
+    def _drop_pipeline(self) -> None:
+        """Release the render pipeline before a training run or a scorer takes the card; the
+        fresh renderer loads one again on the next render."""
+        self._retire_renderer()
+        self.renderer = self._new_renderer()
+
     def _take_options(self, options: PipelineOptions) -> None:
         """A shared worker serves jobs with their own --dtype, --cpu-offload, ...: a job whose
         options differ gets a fresh renderer (the old pipeline released first)."""
@@ -164,8 +170,7 @@ class GpuWorker:
         from farm.train.trainer import train_run
 
         self._drop_scorer()
-        self._retire_renderer()
-        self.renderer = self._new_renderer()  # drop the render pipeline first
+        self._drop_pipeline()
         on_step = lambda step, loss, seconds: record_train_step(run.run, self.node, loss, seconds)  # noqa: E731
         try:
             for checkpoint in train_run(run, self.options.device, on_step=on_step, pipeline=self.options):
@@ -187,8 +192,7 @@ class GpuWorker:
         next batch, like the pipeline; the render pipeline is let go first (the card holds one).
         Returns the score rows and the scorer's warnings."""
         if self.scorer is None or self.scorer.reference != setup.reference:
-            self._retire_renderer()
-            self.renderer = self._new_renderer()
+            self._drop_pipeline()
             self.scorer = None  # the old one's models go before the new one's load
             self.scorer = setup.build(farm_cache() / "subjects", self.options.device, self.name)
         scored = self.scorer.score_pngs(rows, pngs)
