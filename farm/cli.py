@@ -192,7 +192,7 @@ def cmd_jobs(args) -> int:
 
     jobs = jobqueue.farm_jobs(args.address)
     for job in jobs:
-        print(jobqueue.describe(job, jobqueue.progress_of(args.address, job.submission_id)))
+        print(jobqueue.describe(job, jobqueue.progress_of(args.address, job)))
     if not jobs:
         print("no farm jobs on this cluster (farm submit SPEC)")
     _print_dashboard(args.address)
@@ -210,10 +210,10 @@ def cmd_status(args) -> int:
     from farm.cluster import jobqueue
 
     job = jobqueue.job_info(args.address, args.job_id)
-    print(jobqueue.describe(job, jobqueue.progress_of(args.address, args.job_id)))
+    print(jobqueue.describe(job, jobqueue.progress_of(args.address, job)))
     if job.message:
         print(f"  {job.message.strip().splitlines()[-1]}")
-    logs = jobqueue.client(args.address).get_job_logs(args.job_id).strip().splitlines()
+    logs = jobqueue.log_tail(args.address, job, 5000).strip().splitlines()
     errors = [line for line in logs if line.startswith("farm: ") or "failed:" in line]
     for line in errors[-5:]:
         print(f"  {line}")
@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_grafana)
 
     p = sub.add_parser("control", help="(run on the head by pause/resume/pool)")
-    p.add_argument("action", choices=["pause", "resume", "pool", "jobs"])
+    p.add_argument("action", choices=["pause", "resume", "pool"])
     p.add_argument("key", nargs="?", default="")
     p.set_defaults(func=cmd_control)
 

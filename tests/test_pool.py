@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import signal
 import time
 import urllib.error
@@ -550,18 +551,42 @@ def test_a_model_only_the_planning_node_has_renders_on_the_other_node_from_a_che
     assert bytes_fetched() - before == sum(p.stat().st_size for p in copy.rglob("*") if p.is_file())  # once
 
 
-def test_farm_jobs_reads_progress_from_the_keeper_in_one_call(service, warm_a, monkeypatch):
-    """A finished job's final progress stays with the pool's keeper, readable for every job in one
-    call (`farm jobs` still reads each job's log: see the session note)."""
-    from farm.cluster.jobqueue import progress_of_all
+def test_farm_jobs_reads_only_the_end_of_a_long_log(service, monkeypatch):
+    """`farm jobs` reads each job's latest progress from the last lines of its driver log, never the
+    whole log: a job that logged ~6 MB shows its last progress after reading a few KB; one whose
+    log ends in 1,000 lines without progress (a long traceback) is found in a longer tail."""
+    import sys
+
+    from ray.job_submission import JobSubmissionClient
+
+    from farm.cluster import jobqueue
+
+    def printing(total: int, filler: int, tail: int) -> str:
+        script = (f"import json\nmark = {jobqueue.PROGRESS_MARK!r}\n"
+                  "print(mark + json.dumps({'total': %d, 'done': 1, 'failed': 0}))\n"
+                  "for i in range(%d): print('a line the driver logged between progress lines', i)\n"
+                  "print(mark + json.dumps({'total': %d, 'done': %d, 'failed': 1}))\n"
+                  "for i in range(%d): print('  File x, line', i)\n") % (total, filler, total, total - 1, tail)
+        return f"{sys.executable} -c {shlex.quote(script)}"
+
+    api = JobSubmissionClient(service.dashboard, headers={"Authorization": f"Bearer {service.token}"})
+    long_log = api.submit_job(entrypoint=printing(9, 120_000, 5), metadata={"sdfarm": "1", "job": "long-log"})
+    traceback = api.submit_job(entrypoint=printing(5, 10, 1000), metadata={"sdfarm": "1", "job": "traceback"})
+    for job in (long_log, traceback):
+        service.wait_for(lambda: api.get_job_status(job).value in ("SUCCEEDED", "FAILED"), what="the job to end")
+    whole = len(api.get_job_logs(long_log).encode())
+    assert whole > 5_000_000
 
     monkeypatch.setenv("RAY_AUTH_TOKEN", service.token)
-    known = progress_of_all(service.dashboard)
-    assert known[warm_a["job"]]["done"] == known[warm_a["job"]]["total"] == 24
-    assert known[warm_a["job"]]["left"] == 0 and known[warm_a["job"]]["failed"] == 0
+    read = []
+    tail = jobqueue.log_tail
+    monkeypatch.setattr(jobqueue, "log_tail", lambda *args: read.append(tail(*args)) or read[-1])
+    assert jobqueue.progress_of(service.dashboard, api.get_job_info(long_log))["done"] == 8
+    assert sum(len(text.encode()) for text in read) < 20_000 < whole // 250
+    assert jobqueue.progress_of(service.dashboard, api.get_job_info(traceback)) == {"total": 5, "done": 4, "failed": 1}
     listed = service.farm("jobs").stdout
-    assert next(line for line in listed.splitlines() if line.startswith(warm_a["job"])).endswith(
-        "24/24 done, 0 failed")
+    assert re.search(rf"{long_log}\s+SUCCEEDED\s+priority\s+0\s+long-log: 8/9 done, 1 failed$", listed, re.M), listed
+    assert re.search(rf"{traceback}\s+SUCCEEDED\s+priority\s+0\s+traceback: 4/5 done, 1 failed$", listed, re.M), listed
 
 
 @pytest.mark.slow

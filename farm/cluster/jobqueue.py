@@ -24,6 +24,7 @@ from farm.errors import ClusterError, first_line
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PROGRESS_MARK = "sdfarm-progress "
+TAIL_LINES = (200, 5000)  # how much of a driver log's end `farm jobs` reads for its latest progress
 _MAX_UPLOAD_FILE = 50 << 20  # a spec folder file above this is not sent along (say, a stray checkpoint)
 
 
@@ -137,20 +138,37 @@ def farm_jobs(address: str | None) -> list:
     return sorted(farm_details, key=lambda details: details.start_time or 0)
 
 
-def progress_of_all(address: str | None) -> dict[str, dict]:
-    """Every job's latest progress as the pool's keeper holds it (running jobs report every few
-    seconds, finished ones leave their last): one call, however long the jobs' logs are."""
-    return control(address, "jobs").get("progress", {})
-
-
-def progress_of(address: str | None, submission_id: str) -> dict:
-    """The latest progress line the job's driver printed ({} before the first). Reads the whole
-    log: `farm jobs` still uses this; `progress_of_all` (the keeper's copy) is not wired in yet."""
-    logs = client(address).get_job_logs(submission_id)
-    for line in reversed(logs.splitlines()):
-        if line.startswith(PROGRESS_MARK):
-            return json.loads(line[len(PROGRESS_MARK):])
+def progress_of(address: str | None, details) -> dict:
+    """The latest progress line a job's driver printed ({} before the first), read from the end
+    of its log: a few KB however long the job has run (the driver prints one every 10 s, so the
+    last lines hold one unless a long traceback ends the log; then a longer tail is read once)."""
+    for lines in TAIL_LINES:
+        tail = log_tail(address, details, lines)
+        for line in reversed(tail.splitlines()):
+            if line.startswith(PROGRESS_MARK):
+                return json.loads(line[len(PROGRESS_MARK):])
+        if tail.count("\n") < lines:  # the whole log was read
+            break
     return {}
+
+
+def log_tail(address: str | None, details, lines: int) -> str:
+    """The last `lines` lines of a job's driver log, from the dashboard's log API (the Jobs API
+    only hands out whole logs); "" while the job has no driver log yet."""
+    import requests
+
+    from farm.cluster.connect import auth_token
+
+    if not details.driver_node_id:
+        return ""
+    url = api_address(address)
+    url = url if "://" in url else f"http://{url}"
+    token, _ = auth_token()
+    answer = requests.get(f"{url}/api/v0/logs/file", timeout=30,
+                          params={"submission_id": details.submission_id, "node_id": details.driver_node_id,
+                                  "lines": lines},
+                          headers={"Authorization": f"Bearer {token}"} if token else None)
+    return answer.text if answer.status_code == 200 else ""
 
 
 def describe(details, progress: dict) -> str:

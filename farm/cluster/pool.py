@@ -42,7 +42,6 @@ POOL_NAME = "sdfarm-pool"
 LEASE_S = 5.0
 STALE_S = 30.0
 REFRESH_S = 2.0
-FINISHED_KEPT = 1000  # finished jobs whose final progress the keeper remembers for `farm jobs`
 REST_S = 10.0
 PRINT_S = 10.0
 
@@ -76,7 +75,6 @@ class PoolKeeper:
         self.seq = 0
         self.refreshed = 0.0
         self.resting: dict[str, float] = {}  # name → when it may be looked up again
-        self.finished: dict[str, dict] = {}  # job key → its final progress (the latest FINISHED_KEPT jobs)
 
     # --- the driver's side ------------------------------------------------------------------
 
@@ -172,24 +170,12 @@ class PoolKeeper:
         job.progress = progress
         return {"paused": job.paused}
 
-    def finish(self, key: str, progress: dict | None = None) -> None:
-        """The job's driver is done: its workers and its place in the queue go; its final progress
-        stays for `farm jobs`."""
+    def finish(self, key: str) -> None:
+        """The job's driver is done: its workers and its place in the queue go."""
         job = self.jobs.pop(key, None)
         self.release(key, [name for name, (holder, _) in self.held.items() if holder == key])
         if job is not None:
             job.event.set()
-        final = progress or (job.progress if job is not None else None)
-        if final:
-            self.finished[key] = {**final, "left": 0, "eta_s": 0}
-            while len(self.finished) > FINISHED_KEPT:
-                self.finished.pop(next(iter(self.finished)))
-
-    def progress(self) -> dict[str, dict]:
-        """Every job's latest progress, running (as its driver last reported) or finished: what
-        `farm jobs` shows, read in one call however long the jobs' logs have grown."""
-        return {**self.finished, **{key: {**job.progress, "paused": job.paused} for key, job in self.jobs.items()
-                                     if job.progress}}
 
     # --- the user's side --------------------------------------------------------------------
 
@@ -457,7 +443,6 @@ class SharedPool:
         self.pinned: set[str] = set()
         self.request = None
         self.renewal = None
-        self.final_progress: dict | None = None  # the latest progress: the keeper keeps it once the job ends
         self.renewing: list[str] = []
         self.offered: set[str] = set()
         self.blocked: set[str] = set()
@@ -515,7 +500,6 @@ class SharedPool:
     def sync(self, load: dict, progress: dict) -> None:
         """Renew leases about to run out, give back drained expired ones, report progress."""
         now = time.monotonic()
-        self.final_progress = dict(progress)  # what the keeper keeps when the job ends
         soon = [n for n in self.handles if n not in self.pinned and self.deadline[n] - now < LEASE_S / 2]
         if soon and self.renewal is None:
             self.renewing = soon
@@ -588,7 +572,7 @@ class SharedPool:
 
     def close(self) -> None:
         try:
-            ray.get(self.keeper.finish.remote(self.key, self.final_progress), timeout=30)
+            ray.get(self.keeper.finish.remote(self.key), timeout=30)
         except Exception as exc:  # the keeper takes the leases back when this job goes quiet anyway
             print(f"farm: warning: could not return workers to the pool: {type(exc).__name__}", file=sys.stderr)
 
@@ -599,11 +583,9 @@ def run_control(action: str, key: str) -> dict:
     try:
         keeper = ray.get_actor(POOL_NAME, namespace=NAMESPACE)
     except ValueError:
-        return {"found": False, "workers": {}, "jobs": {}, "progress": {}}
+        return {"found": False, "workers": {}, "jobs": {}}
     if action in ("pause", "resume"):
         return {"found": ray.get(keeper.pause.remote(key, action == "pause"))}
     if action == "pool":
         return ray.get(keeper.status.remote())
-    if action == "jobs":
-        return {"found": True, "progress": ray.get(keeper.progress.remote())}
     raise ClusterError(f"farm control: unknown action {action!r}")
