@@ -572,8 +572,9 @@ def test_farm_jobs_reads_only_the_end_of_a_long_log(service, monkeypatch):
     api = JobSubmissionClient(service.dashboard, headers={"Authorization": f"Bearer {service.token}"})
     long_log = api.submit_job(entrypoint=printing(9, 120_000, 5), metadata={"sdfarm": "1", "job": "long-log"})
     traceback = api.submit_job(entrypoint=printing(5, 10, 1000), metadata={"sdfarm": "1", "job": "traceback"})
-    for job in (long_log, traceback):
-        service.wait_for(lambda: api.get_job_status(job).value in ("SUCCEEDED", "FAILED"), what="the job to end")
+    ended = ("SUCCEEDED", "FAILED")
+    service.wait_for(lambda: all(api.get_job_status(job).value in ended for job in (long_log, traceback)),
+                     what="the jobs to end")
     whole = len(api.get_job_logs(long_log).encode())
     assert whole > 5_000_000
 
