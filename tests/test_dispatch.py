@@ -381,3 +381,43 @@ def test_a_new_or_restarted_worker_is_given_time_to_start(ray_cluster, lora_dir,
     assert killed_after and killed_after[0] < 12, "the job ended before the kill"
     assert (summary.ok, summary.failed) == (12, 0), summary.errors
     assert len(lines(starts)) == 2, "a starting worker was taken for hung and killed (only the test killed it)"
+
+
+def test_a_worker_with_no_restarts_left_gets_no_more_chunks(ray_cluster, lora_dir, tmp_path):
+    """A handed-in worker Ray may not restart (max_restarts=0) is killed -9 mid-job: it is dead for
+    good, so the job stops sending it chunks (each would fail at once and count as a loss until
+    its tasks failed) and the other worker renders everything."""
+    import os
+    import signal
+    import threading
+
+    import ray
+
+    from farm.cluster.actors import worker_class
+
+    plan = demo_plan(lora_dir, steps=4, lora=["none", "subject-000001"], seed=list(range(20)))
+    run = RunFolder(tmp_path)
+    workers = [worker_class().options(max_restarts=0, num_gpus=1, num_cpus=0).remote(i, PipelineOptions())
+               for i in range(2)]
+    killed = []
+
+    def killer():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            holds = ray.get(workers[1].holds.remote())
+            if holds["rendered"]:
+                os.kill(holds["pid"], signal.SIGKILL)
+                killed.append(holds["rendered"])
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        summary = run_plan(plan, run, chunk_size=2, quiet=True, pool=workers)
+    finally:
+        thread.join()
+        ray.kill(workers[0])
+    assert killed, "the second worker never rendered: nothing was tested"
+    assert (summary.ok, summary.failed) == (40, 0), summary.errors[:3]
+    assert_exactly_once(tmp_path, [t.task_id for t in plan.tasks])

@@ -283,6 +283,17 @@ def start_workers(count: int, options: PipelineOptions, use_gpus: bool) -> list:
     return [remote.options(max_restarts=RESTARTS, **resources).remote(i, options) for i in range(count)]
 
 
+def restarts_used_up(worker) -> bool:
+    """Ray will not bring this actor back: it died more often than its max_restarts allow (or was
+    killed for good). Asked of the GCS's actor table; False when that cannot be read."""
+    try:
+        from ray._private.state import actors
+
+        return actors(worker._actor_id.hex()).get("State") == "DEAD"
+    except Exception:  # an actor table Ray changed: keep the worker, as before
+        return False
+
+
 def start_pool_worker(name: str, node_id: str, index: int, options: PipelineOptions):
     """A long-lived worker of the shared pool, pinned to one GPU of `node_id`."""
     return worker_class().options(

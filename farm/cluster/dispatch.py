@@ -428,7 +428,7 @@ class _Driver:
             oldest.setdefault(key, chunk)
         for key, chunk in oldest.items():
             allowed = self.task_timeout_s * len(chunk) * (1 if key in self.warm else COLD_FACTOR)
-            if now - self.busy_since.get(key, now) > allowed:
+            if key in self.pool.handles and now - self.busy_since.get(key, now) > allowed:
                 self.feed.bar.write(f"worker {key}: no answer in {allowed:.0f} s; restarting it")
                 ray.kill(self.pool.handles[key], no_restart=False)
                 self.warm.discard(key)  # Ray restarts it: a fresh process, cold again

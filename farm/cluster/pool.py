@@ -30,7 +30,7 @@ import ray
 from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from farm.cluster.actors import Source, artifact_source, start_pool_worker, start_workers
+from farm.cluster.actors import Source, artifact_source, restarts_used_up, start_pool_worker, start_workers
 from farm.cluster.connect import NAMESPACE
 from farm.cluster.jobqueue import print_progress
 from farm.errors import ClusterError
@@ -419,7 +419,15 @@ class PrivatePool:
 
     def pin(self, key: int, pinned: bool) -> None: ...
 
-    def lost(self, key: int) -> None: ...  # Ray restarts the actor behind the same handle
+    def lost(self, key: int) -> None:
+        """Ray restarts the actor behind the same handle, RESTARTS times; one with none left would
+        fail every chunk sent to it at once, so it is replaced (a worker of this pool) or dropped."""
+        if not restarts_used_up(self.handles[key]):
+            return
+        if self.owned:
+            self.handles[key] = start_workers(1, self.options, self.use_gpus)[0]
+        else:
+            del self.handles[key]
 
     def close(self) -> None:
         for worker in self.handles.values() if self.owned else []:
