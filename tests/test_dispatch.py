@@ -421,3 +421,28 @@ def test_a_worker_with_no_restarts_left_gets_no_more_chunks(ray_cluster, lora_di
     assert killed, "the second worker never rendered: nothing was tested"
     assert (summary.ok, summary.failed) == (40, 0), summary.errors[:3]
     assert_exactly_once(tmp_path, [t.task_id for t in plan.tasks])
+
+
+def test_the_eta_follows_the_recent_pace_not_the_cold_start(lora_dir, tmp_path, monkeypatch):
+    """`farm jobs`' ETA: 30 s of workers starting, then one image a second. The time left is that
+    pace × images left (~78 s), not the average since the start (which says ~3 minutes)."""
+    import hashlib
+
+    from farm.cluster import dispatch
+    from farm.cluster.dispatch import _Feed
+    from farm.render.renderer import RenderResult
+
+    plan = demo_plan(lora_dir, steps=2, lora=["none"], seed=list(range(100)))
+    clock = [1000.0]
+    monkeypatch.setattr(dispatch.time, "perf_counter", lambda: clock[0])
+    feed = _Feed(RunFolder(tmp_path), quiet=True, chunk_size=4)
+    feed.add(plan.tasks)
+    png = b"\x89PNG\r\n\x1a\n"
+    clock[0] += 30  # cold start: nothing ends
+    for task in plan.tasks[:22]:
+        feed.record(RenderResult(task=task, status="ok", png=png, image_sha256=hashlib.sha256(png).hexdigest()))
+        clock[0] += 1
+    progress = feed.progress()
+    feed.close()
+    assert (progress["done"], progress["total"]) == (22, 100)
+    assert 70 <= progress["eta_s"] <= 85, progress  # the old pace since the start: 78 / (22 / 52) = 184 s

@@ -551,6 +551,57 @@ def test_a_model_only_the_planning_node_has_renders_on_the_other_node_from_a_che
     assert bytes_fetched() - before == sum(p.stat().st_size for p in copy.rglob("*") if p.is_file())  # once
 
 
+def test_a_model_transfer_killed_9_midway_resumes_where_it_stopped(service, warm_a, tmp_path):
+    """The other node's worker is killed -9 while it copies a ~400 MB model from the head: Ray
+    restarts it, and its next fetch goes on from the bytes already on disk (only the rest crosses
+    the network), the copy checks out, and the job's images are each written once."""
+    from farm.models.artifacts import HashCache, model_listing
+    from farm.models.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "models" / "big-sdxl", seed=11)
+    padding = model / "padding" / "weights.safetensors"  # hashed and sent with the model, never loaded
+    padding.parent.mkdir()
+    with open(padding, "wb") as handle:
+        for _ in range(25):
+            handle.write(os.urandom(16 << 20))
+    sha = HashCache().model(model)
+    total = sum(size for _, size, _ in model_listing(model)["files"])
+    models = service.root / "node1-cache" / "models"
+    partial, copy = models / f"{sha}.partial" / "padding" / "weights.safetensors", models / sha
+    node1_worker = f"sdfarm-worker-{service.node_id('node1')[:8]}-0"
+
+    def fetching_process() -> int | None:
+        for fd in Path("/proc").glob("[0-9]*/fd/*"):
+            try:
+                if os.readlink(fd) == str(partial):
+                    return int(fd.parts[2])
+            except OSError:
+                pass
+        return None
+
+    job = submit(service, write_job(tmp_path, "kill-fetch", [], 24, model=str(model)), "--chunk", "1")
+    service.wait_for(lambda: partial.exists() and partial.stat().st_size >= 32 << 20, timeout=180, every=0.01,
+                     what="the other node to fetch the model")
+    pid = fetching_process()
+    assert pid, "no process holds the partial copy open"
+    os.kill(pid, signal.SIGKILL)
+    service.wait_for(lambda: not Path(f"/proc/{pid}").exists(), what="the killed worker to go")
+    assert not copy.exists(), "the copy was complete before the kill: make the padding larger"
+    assert 0 < partial.stat().st_size < padding.stat().st_size
+    kept = sum(p.stat().st_size for p in (models / f"{sha}.partial").rglob("*") if p.is_file())
+    assert wait_done(service, job, timeout=300) == "SUCCEEDED", service.farm("logs", job).stdout[-3000:]
+    once(service, "kill-fetch", 24)
+    more = 0
+    while not copy.exists():  # the head rendered the whole job: give the other node another turn
+        assert more < 3, "the restarted worker never fetched the model again"
+        more += 1
+        again = submit(service, write_job(tmp_path, f"kill-fetch-{more}", [], 24, model=str(model)), "--chunk", "1")
+        assert wait_done(service, again, timeout=300) == "SUCCEEDED", service.farm("logs", again).stdout[-3000:]
+    assert HashCache().model(copy) == sha
+    # the restarted process fetched only what the killed one had not written
+    assert pool(service)["workers"][node1_worker]["model_bytes_fetched"] == total - kept
+
+
 def test_farm_jobs_reads_only_the_end_of_a_long_log(service, monkeypatch):
     """`farm jobs` reads each job's latest progress from the last lines of its driver log, never the
     whole log: a job that logged ~6 MB shows its last progress after reading a few KB; one whose

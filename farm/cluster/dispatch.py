@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # the trainer is imported only by a worker that trains
 
 MAX_ATTEMPTS = 3  # different workers a task may fail or be lost on; worker deaths that fail a training run
 MAX_LOSSES = 20  # a task lost this many times in all kills every worker it touches: it fails
+PACE_WINDOW_S = 60.0  # the ETA follows the pace of the renders that ended this recently
 COLD_FACTOR = 3  # a worker process's first chunk may take this many timeouts (it loads its pipeline)
 BLOCK_AFTER = 3  # a worker that fails this many of a job's tasks gets no more of them (Flamenco's rule)
 # a worker that died, or can no longer exist (its node left): its work goes to another
@@ -141,7 +142,9 @@ class _Feed:
         self.failed_on: dict[str, list] = {}  # task id → workers it failed on (retryable failures)
         self.summary = RunSummary(total=0, skipped=0)
         self.bar = _progress_bar(0, quiet)
-        self.started = time.perf_counter()
+        # when the latest renders ended: the ETA's pace (not the pace since the start, which counts
+        # workers starting and loading their pipelines, and a load that has passed)
+        self.ended: deque[float] = deque()
         self.job_name = run.load_run_info().get("job", run.root.name)
 
     def add(self, tasks: list[Task]) -> None:
@@ -193,8 +196,9 @@ class _Feed:
         """Numbers for `farm jobs` and the queue-depth metric: done counts skipped (resumed) ones."""
         s = self.summary
         done, left = s.ok + s.skipped, s.total - s.ok - s.skipped - s.failed
-        elapsed = time.perf_counter() - self.started
-        rate = s.ok / elapsed if s.ok else 0.0
+        ended = self.ended
+        span = ended[-1] - ended[0] if len(ended) > 1 else 0.0
+        rate = (len(ended) - 1) / span if span > 0 else 0.0
         farm_metrics().queue_depth.set(left, {"job": self.job_name})
         return {"total": s.total, "done": done, "failed": s.failed, "left": left,
                 "eta_s": round(left / rate) if rate else None, "updated": time.time()}
@@ -203,6 +207,10 @@ class _Feed:
         self.writer.add(result)
         if result.status == "ok":
             self.summary.ok += 1
+            now = time.perf_counter()
+            self.ended.append(now)
+            while now - self.ended[0] > PACE_WINDOW_S:
+                self.ended.popleft()
         else:
             self.summary.failed += 1
             if len(self.summary.errors) < 20:
@@ -438,7 +446,9 @@ class _Driver:
     def _fail_rest_if_no_worker_left(self) -> None:
         """Every worker the job could get is blocked: fail what is queued instead of waiting."""
         if not self.pool.usable() and self.pool.all_blocked() and (self.feed.queue or self.renders):
-            self.feed.fail_queued(f"no eligible worker left: every worker failed {BLOCK_AFTER} tasks of this job")
+            why = (f"every worker failed {BLOCK_AFTER} tasks of this job" if self.pool.handles
+                   else "every worker died more often than Ray restarts it")
+            self.feed.fail_queued(f"no eligible worker left: {why}")
 
 
 def _open_pool(pool: WorkerPool | list | None, actors: int | None, work: int,

@@ -181,6 +181,9 @@ def describe(details, progress: dict) -> str:
         counts += f", ETA {duration(eta)}" if eta and state == "RUNNING" else ""
         if progress.get("paused"):
             state += " (paused)"
+        for fetch in progress.get("fetching", []) if state == "RUNNING" else []:
+            counts += f"; copying model {fetch['model']} to a node: {fetch['done'] / 2**30:.2f} of " \
+                      f"{fetch['total'] / 2**30:.2f} GiB"
     else:
         counts = "no progress yet"
     priority, job_name = meta.get("priority", "0"), meta.get("job", "")

@@ -44,6 +44,7 @@ STALE_S = 30.0
 REFRESH_S = 2.0
 REST_S = 10.0
 PRINT_S = 10.0
+FETCH_ASK_S = 3.0  # how often a driver asks its workers whether one is copying a model
 
 
 @dataclass
@@ -461,6 +462,9 @@ class SharedPool:
         self.standing: dict = {}
         self.standing_ref = None
         self.printed = time.monotonic()
+        self.fetching: list[dict] = []  # base models this job's workers are copying to their node
+        self.fetch_refs: list = []
+        self.fetch_asked = 0.0
 
     def usable(self) -> list[str]:
         now = time.monotonic()
@@ -524,12 +528,34 @@ class SharedPool:
                 self.printed = 0.0
             self.standing = standing
         progress.update(self.standing)
+        self._watch_fetches(now)
+        if self.fetching:
+            progress["fetching"] = self.fetching
         if now - self.reported > 2.0 and self.standing_ref is None:
             self.standing_ref = self.keeper.report.remote(self.key, progress)
             self.reported = now
         if now - self.printed > PRINT_S:
             print_progress(progress)
             self.printed = now
+
+    def _watch_fetches(self, now: float) -> None:
+        """Every few seconds, ask this job's workers (beside their render call) whether one is
+        copying a base model to its node, so `farm jobs` shows how far the copy got."""
+        if self.fetch_refs and len(ray.wait(self.fetch_refs, num_returns=len(self.fetch_refs), timeout=0)[0]) == len(
+                self.fetch_refs):
+            answers = []
+            for ref in self.fetch_refs:
+                try:
+                    answers.append(ray.get(ref).get("fetching"))
+                except Exception:  # a worker that died meanwhile: the next round asks its successor
+                    pass
+            fetching = [answer for answer in answers if answer]
+            if bool(fetching) != bool(self.fetching):  # a copy started or ended: say so in the log at once
+                self.printed = 0.0
+            self.fetching, self.fetch_refs = fetching, []
+        if not self.fetch_refs and now - self.fetch_asked > FETCH_ASK_S:
+            self.fetch_refs = [handle.holds.remote() for handle in self.handles.values()]
+            self.fetch_asked = now
 
     def source(self) -> Source | None:
         return self._source
