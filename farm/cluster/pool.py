@@ -207,7 +207,8 @@ class PoolKeeper:
         self._refresh(force=True)
         one_per_node = {}
         for name, node_id in self.node_of.items():
-            one_per_node.setdefault(node_id, self.workers[name])
+            if name in self.workers:  # not one resting after a driver saw it die
+                one_per_node.setdefault(node_id, self.workers[name])
         answers = await asyncio.gather(*(w.missing.remote(paths) for w in one_per_node.values()),
                                        return_exceptions=True)
         return {node_id: ([] if isinstance(answer, Exception) else answer)
