@@ -139,7 +139,7 @@ def test_a_symlink_out_of_the_allowed_folders_is_refused(tmp_path, lora_dir, mon
 
 
 @pytest.mark.slow
-def test_500_load_switch_unload_cycles_keep_memory_flat(renderer, reference, tmp_path):
+def test_250_load_switch_unload_cycles_keep_memory_flat(renderer, reference, tmp_path):
     """Five LoRAs through a 4-slot adapter cache: cycles switch between the cached ones, every
     tenth brings in the fifth (a load that unloads the least recently used, which later loads
     again), and every seventh turns LoRAs off. RSS after warm-up stays within 5 %."""
@@ -158,7 +158,7 @@ def test_500_load_switch_unload_cycles_keep_memory_flat(renderer, reference, tmp
     cache = AdapterCache(renderer.pipe, max_adapters=4)
     process = psutil.Process()
     try:
-        for cycle in range(500):
+        for cycle in range(250):
             lora = loras[4] if cycle % 10 == 9 else loras[cycle % 4]
             cache.activate([] if cycle % 7 == 6 else [lora])
             if cycle == 49:
@@ -169,7 +169,7 @@ def test_500_load_switch_unload_cycles_keep_memory_flat(renderer, reference, tmp
             renderer.pipe.delete_adapters(name)
         renderer.pipe.enable_lora()
         renderer.adapters.active, renderer.adapters.enabled = (), True
-    assert cache.loads >= 80  # loads and unloads, not only switches
-    assert grown <= 0.05, f"RSS grew {grown:.1%} over 450 cycles"
+    assert cache.loads >= 40  # loads and unloads, not only switches
+    assert grown <= 0.05, f"RSS grew {grown:.1%} over 200 cycles"
     task, png = reference
     assert renderer.render(task).png == png  # the renderer is as it was
