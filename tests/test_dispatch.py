@@ -122,6 +122,24 @@ def test_put_back_goes_first():
 KILLS = 4
 
 
+def _run_beside(killer, plan, run, workers: list, stop):
+    """run_plan on handed-in `workers` while `killer` runs in a thread; then `stop` is set, the
+    thread joined and every worker stopped."""
+    import threading
+
+    import ray
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        return run_plan(plan, run, chunk_size=2, quiet=True, pool=workers)
+    finally:
+        stop.set()
+        thread.join()
+        for worker in workers:
+            ray.kill(worker)
+
+
 @pytest.mark.slow
 def test_exactly_once_while_workers_are_killed_9_again_and_again(ray_cluster, lora_dir, tmp_path):
     """200 renders on 2 workers, one of them kill -9'd four times at random moments (each time
@@ -157,15 +175,7 @@ def test_exactly_once_while_workers_are_killed_9_again_and_again(ray_cluster, lo
                 os.kill(holds["pid"], signal.SIGKILL)
                 kills.append(holds["pid"])
 
-    thread = threading.Thread(target=killer)
-    thread.start()
-    try:
-        summary = run_plan(plan, run, chunk_size=2, quiet=True, pool=workers)
-    finally:
-        stop.set()
-        thread.join()
-        for worker in workers:
-            ray.kill(worker)
+    summary = _run_beside(killer, plan, run, workers, stop)
     assert len(kills) == KILLS, f"the job ended after {len(kills)} kills: make it longer"
     assert (summary.ok, summary.failed) == (200, 0), summary.errors
     raw = assert_exactly_once(tmp_path, [t.task_id for t in plan.tasks])  # every part, before any folding
@@ -411,13 +421,7 @@ def test_a_worker_with_no_restarts_left_gets_no_more_chunks(ray_cluster, lora_di
                 return
             time.sleep(0.2)
 
-    thread = threading.Thread(target=killer)
-    thread.start()
-    try:
-        summary = run_plan(plan, run, chunk_size=2, quiet=True, pool=workers)
-    finally:
-        thread.join()
-        ray.kill(workers[0])
+    summary = _run_beside(killer, plan, run, workers, threading.Event())
     assert killed, "the second worker never rendered: nothing was tested"
     assert (summary.ok, summary.failed) == (40, 0), summary.errors[:3]
     assert_exactly_once(tmp_path, [t.task_id for t in plan.tasks])
