@@ -94,7 +94,7 @@ def test_render_and_training_metrics_reach_rays_metrics_export(ray_cluster, tmp_
         deadline, text = time.monotonic() + 90, ""
         while time.monotonic() < deadline:  # Ray exports every few seconds
             text = scrape_metrics(port)
-            if (prometheus_series(text, "ray_sdfarm_train_loss")
+            if (any(labels.get("run") == "mrun" for labels, _ in prometheus_series(text, "ray_sdfarm_train_loss"))
                     and any(labels.get("job") == "metrics-claim"
                             for labels, _ in prometheus_series(text, "ray_sdfarm_images_rendered_total"))):
                 break

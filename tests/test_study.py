@@ -115,6 +115,7 @@ def test_a_killed_worker_resumes_its_run_and_nothing_is_lost(ray_cluster, tmp_pa
     thread.join(timeout=300)
     assert not thread.is_alive()
     folder, summary = result["folder"], result["summary"]
+    assert (summary.failed_runs, summary.failed) == ([], 0), (summary.failed_runs, summary.errors[:3])
     rows = folder.read_checkpoints()
     # the kill landed mid-run: the log had fewer steps than the run's, and the run still ended whole
     assert lines_before < 1 + steps, "the run had finished before the kill"
