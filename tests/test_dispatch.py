@@ -428,8 +428,8 @@ def test_a_worker_with_no_restarts_left_gets_no_more_chunks(ray_cluster, lora_di
 
 
 def test_the_eta_follows_the_recent_pace_not_the_cold_start(lora_dir, tmp_path, monkeypatch):
-    """`farm jobs`' ETA: 30 s of workers starting, then one image a second. The time left is that
-    pace × images left (~78 s), not the average since the start (which says ~3 minutes)."""
+    """`farm jobs`' ETA: 30 s of workers starting, a first chunk of 4, then one image a second. The
+    time left is about that pace × images left (~70 s), not the average since the start (~3 minutes)."""
     import hashlib
 
     from farm.cluster import dispatch
@@ -442,11 +442,18 @@ def test_the_eta_follows_the_recent_pace_not_the_cold_start(lora_dir, tmp_path, 
     feed = _Feed(RunFolder(tmp_path), quiet=True, chunk_size=4)
     feed.add(plan.tasks)
     png = b"\x89PNG\r\n\x1a\n"
-    clock[0] += 30  # cold start: nothing ends
-    for task in plan.tasks[:22]:
+    def ended(task):
         feed.record(RenderResult(task=task, status="ok", png=png, image_sha256=hashlib.sha256(png).hexdigest()))
+
+    clock[0] += 30  # cold start: nothing ends
+    for task in plan.tasks[:4]:  # the first chunk's images end together: no pace yet, so no ETA
+        ended(task)
+    assert feed.progress()["eta_s"] is None
+    clock[0] += 1
+    for task in plan.tasks[4:22]:
+        ended(task)
         clock[0] += 1
     progress = feed.progress()
     feed.close()
     assert (progress["done"], progress["total"]) == (22, 100)
-    assert 70 <= progress["eta_s"] <= 85, progress  # the old pace since the start: 78 / (22 / 52) = 184 s
+    assert 60 <= progress["eta_s"] <= 85, progress  # the old pace since the start: 78 / (22 / 48) = 170 s

@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # the trainer is imported only by a worker that trains
 MAX_ATTEMPTS = 3  # different workers a task may fail or be lost on; worker deaths that fail a training run
 MAX_LOSSES = 20  # a task lost this many times in all kills every worker it touches: it fails
 PACE_WINDOW_S = 60.0  # the ETA follows the pace of the renders that ended this recently
+PACE_MIN_SPAN_S = 5.0  # ... once they spread over this many seconds
 COLD_FACTOR = 3  # a worker process's first chunk may take this many timeouts (it loads its pipeline)
 BLOCK_AFTER = 3  # a worker that fails this many of a job's tasks gets no more of them (Flamenco's rule)
 # a worker that died, or can no longer exist (its node left): its work goes to another
@@ -198,7 +199,7 @@ class _Feed:
         done, left = s.ok + s.skipped, s.total - s.ok - s.skipped - s.failed
         ended = self.ended
         span = ended[-1] - ended[0] if len(ended) > 1 else 0.0
-        rate = (len(ended) - 1) / span if span > 0 else 0.0
+        rate = (len(ended) - 1) / span if span >= PACE_MIN_SPAN_S else 0.0  # a first chunk's burst is no pace
         farm_metrics().queue_depth.set(left, {"job": self.job_name})
         return {"total": s.total, "done": done, "failed": s.failed, "left": left,
                 "eta_s": round(left / rate) if rate else None, "updated": time.time()}

@@ -164,10 +164,13 @@ def log_tail(address: str | None, details, lines: int) -> str:
     url = api_address(address)
     url = url if "://" in url else f"http://{url}"
     token, _ = auth_token()
-    answer = requests.get(f"{url}/api/v0/logs/file", timeout=30,
-                          params={"submission_id": details.submission_id, "node_id": details.driver_node_id,
-                                  "lines": lines},
-                          headers={"Authorization": f"Bearer {token}"} if token else None)
+    try:
+        answer = requests.get(f"{url}/api/v0/logs/file", timeout=30,
+                              params={"submission_id": details.submission_id, "node_id": details.driver_node_id,
+                                      "lines": lines},
+                              headers={"Authorization": f"Bearer {token}"} if token else None)
+    except requests.RequestException:  # the head went away mid-listing: this job shows no progress
+        return ""
     return answer.text if answer.status_code == 200 else ""
 
 
