@@ -58,11 +58,8 @@ def client(address: str | None):
     requires it, and Ray's SDK sends it only when RAY_AUTH_MODE=token is exported."""
     from ray.job_submission import JobSubmissionClient
 
-    from farm.cluster.connect import auth_token
-
     address = api_address(address)
-    token, where = auth_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else None
+    headers, where = _auth_headers()
     try:
         return JobSubmissionClient(address, headers=headers)
     except Exception as exc:  # connection refused, auth failure, not a Ray dashboard
@@ -76,6 +73,14 @@ def client(address: str | None):
                                "cluster's?); on the head `ray get-auth-token` prints the right one") from None
         raise ClusterError(f"--address {address}: no Ray Jobs API there ({first_line(exc)}); start the cluster "
                            "(`ray up cluster.yaml`) and forward it (`ray dashboard cluster.yaml`)") from None
+
+
+def _auth_headers() -> tuple[dict | None, str]:
+    """The Bearer header for Ray's auth token (None without one) and where the token was looked for."""
+    from farm.cluster.connect import auth_token
+
+    token, where = auth_token()
+    return ({"Authorization": f"Bearer {token}"} if token else None), where
 
 
 def _slug(text: str) -> str:
@@ -157,18 +162,14 @@ def log_tail(address: str | None, details, lines: int) -> str:
     only hands out whole logs); "" while the job has no driver log yet."""
     import requests
 
-    from farm.cluster.connect import auth_token
-
     if not details.driver_node_id:
         return ""
     url = api_address(address)
     url = url if "://" in url else f"http://{url}"
-    token, _ = auth_token()
     try:
-        answer = requests.get(f"{url}/api/v0/logs/file", timeout=30,
+        answer = requests.get(f"{url}/api/v0/logs/file", timeout=30, headers=_auth_headers()[0],
                               params={"submission_id": details.submission_id, "node_id": details.driver_node_id,
-                                      "lines": lines},
-                              headers={"Authorization": f"Bearer {token}"} if token else None)
+                                      "lines": lines})
     except requests.RequestException:  # the head went away mid-listing: this job shows no progress
         return ""
     return answer.text if answer.status_code == 200 else ""

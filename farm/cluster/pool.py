@@ -427,7 +427,7 @@ class PrivatePool:
         if not restarts_used_up(self.handles[key]):
             return
         if self.owned:
-            self.handles[key] = start_workers(1, self.options, self.use_gpus)[0]
+            self.recycle(key)
         else:
             del self.handles[key]
 
@@ -542,8 +542,7 @@ class SharedPool:
     def _watch_fetches(self, now: float) -> None:
         """Every few seconds, ask this job's workers (beside their render call) whether one is
         copying a base model to its node, so `farm jobs` shows how far the copy got."""
-        if self.fetch_refs and len(ray.wait(self.fetch_refs, num_returns=len(self.fetch_refs), timeout=0)[0]) == len(
-                self.fetch_refs):
+        if self.fetch_refs and not ray.wait(self.fetch_refs, num_returns=len(self.fetch_refs), timeout=0)[1]:
             answers = []
             for ref in self.fetch_refs:
                 try:
