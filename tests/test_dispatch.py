@@ -427,6 +427,71 @@ def test_a_worker_with_no_restarts_left_gets_no_more_chunks(ray_cluster, lora_di
     assert_exactly_once(tmp_path, [t.task_id for t in plan.tasks])
 
 
+def test_a_training_run_waits_for_its_killed_worker_to_restart(ray_cluster, tmp_path):
+    """A worker is killed -9 mid training run and Ray takes `restart_s` to bring it back (a slow
+    import or a busy box): the run waits for it and resumes, instead of counting every call sent
+    while the actor restarts (each fails after ~2 s) as one more death until the run fails. A stub
+    worker whose restarted process starts slowly stands in for one; the run ends on that worker."""
+    import os
+    import signal
+    import threading
+
+    import ray
+
+    from farm.cluster.dispatch import MAX_ATTEMPTS, run_study
+    from farm.sweep.spec import TrainOptions
+    from farm.train.checkpoints import Checkpoint
+    from farm.train.trainer import TrainRun
+
+    restart_s = 4.0 * MAX_ATTEMPTS  # more than MAX_ATTEMPTS calls' worth of "the actor is restarting"
+    starts, calls = tmp_path / "starts", tmp_path / "calls"  # a line per process, a line per train call
+
+    def lines(path):
+        return path.read_text().split() if path.exists() else []
+
+    @ray.remote(num_gpus=1, num_cpus=0, max_restarts=5)
+    class SlowRestarter:
+        def __init__(self):
+            restarted = bool(lines(starts))
+            with open(starts, "a") as log:
+                log.write(f"{os.getpid()}\n")
+            if restarted:
+                time.sleep(restart_s)
+
+        def train(self, run):
+            with open(calls, "a") as log:
+                log.write(f"{os.getpid()}\n")
+            for epoch in (1, 2, 3):
+                path = tmp_path / f"{run.run}-{epoch}.safetensors"
+                path.write_bytes(b"weights %d" % epoch)
+                yield Checkpoint(run.run, str(path), epoch, epoch, epoch == 3,
+                                 hashlib.sha256(path.read_bytes()).hexdigest(), f"{run.run} epoch {epoch}")
+                time.sleep(60 if len(lines(starts)) == 1 else 0.1)  # the first process is killed here
+
+    def kill_after_first_checkpoint():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (tmp_path / "v001-1.safetensors").exists():
+            time.sleep(0.1)
+        time.sleep(0.5)
+        os.kill(int(lines(starts)[0]), signal.SIGKILL)
+
+    options = TrainOptions(train_data_dir="img")
+    run = TrainRun("v001", "tiny:sdxl", "tiny", options, str(tmp_path), str(tmp_path / "train"))
+    worker = SlowRestarter.remote()
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    try:
+        summary = run_study([run], lambda known: [], RunFolder(tmp_path / "out"), quiet=True, pool=[worker])
+    finally:
+        ray.kill(worker)
+    killer.join(timeout=1)
+    assert summary.failed_runs == [], summary.failed_runs
+    assert len(lines(starts)) == 2, "the worker was not killed and restarted once"
+    assert lines(calls) == lines(starts), "the run was not resumed once on the restarted process"
+    rows = RunFolder(tmp_path / "out").read_checkpoints()
+    assert [r["epoch"] for r in rows if r["final"]] == [3]
+
+
 def test_the_eta_follows_the_recent_pace_not_the_cold_start(lora_dir, tmp_path, monkeypatch):
     """`farm jobs`' ETA: 30 s of workers starting, a first chunk of 4, then one image a second. The
     time left is about that pace × images left (~70 s), not the average since the start (~3 minutes)."""

@@ -13,6 +13,8 @@ results as they complete. Which workers a job may use, and when, is its `pool.Wo
   BLOCK_AFTER of a job's tasks gets no more of them. A chunk lost to a dying actor is requeued
   (Ray restarts the actor); a task lost on MAX_ATTEMPTS different workers, or MAX_LOSSES times
   in all, is marked failed. With a task timeout, a worker stuck on a chunk is killed the same way.
+  A worker whose process died gets nothing until it answers again: a call sent while Ray
+  restarts it fails after ~2 s, and would count as one more loss or death.
 - Training: a worker with no render chunk in flight takes the next training run; its checkpoints
   stream back (a Ray streaming generator) and are re-planned into render tasks at once, which
   any free worker takes. A run whose worker dies resumes from its saved state on the next free
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import ray
-from ray.exceptions import ActorUnschedulableError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, ActorUnschedulableError, RayActorError, RayTaskError
 
 from farm.cluster.metrics import farm_metrics
 from farm.cluster.pool import PrivatePool, WorkerPool
@@ -265,6 +267,7 @@ class _Driver:
         self.warm: set = set()  # workers whose current process answered a chunk (else: starting, loading)
         self.busy_since: dict = {}  # worker → when its oldest chunk in flight started (roughly)
         self.failures: dict = {}  # worker → tasks of this job it failed (for BLOCK_AFTER)
+        self.returning: dict = {}  # readiness call → worker whose process died, until Ray restarted it
 
     def run(self) -> None:
         while True:
@@ -287,7 +290,8 @@ class _Driver:
         """What is ready first: a chunk's results, a checkpoint, or an answer the pool awaits. At
         most the pool's tick (1 s with a task timeout, so that overdue workers are seen)."""
         tick = self.pool.tick if not self.task_timeout_s else min(self.pool.tick or 1.0, 1.0)
-        ready, _ = ray.wait([*self.renders, *self.trainings, *self.pool.waitables()], num_returns=1, timeout=tick)
+        waiting = [*self.renders, *self.trainings, *self.returning, *self.pool.waitables()]
+        ready, _ = ray.wait(waiting, num_returns=1, timeout=tick)
         return ready
 
     def _take(self, ref) -> None:
@@ -295,6 +299,8 @@ class _Driver:
             self._next_checkpoint(ref)
         elif ref in self.renders:
             self._finish_chunk(ref)
+        elif ref in self.returning:
+            self._answered(ref)
         else:
             self.pool.on_ready(ref)
 
@@ -303,7 +309,7 @@ class _Driver:
     def _fill(self, key) -> None:
         """Give a usable worker work: the next training run when it has no chunk in flight, else
         render chunks up to `depth`."""
-        if key in self.training_on:
+        if key in self.training_on or key in self.returning.values():
             return
         if self._due_for_recycling(key) and not self._recycle(key):
             return
@@ -357,8 +363,8 @@ class _Driver:
         except StopIteration:
             self._end_training(generator, key)
         except WORKER_GONE as exc:  # the worker died mid-run: resume from its saved state
-            self.warm.discard(key)  # a restarted process starts cold
             self._end_training(generator, key)
+            self._worker_down(key)
             self._resume_elsewhere(train_run, exc)
         except RayTaskError as exc:  # the run itself failed (bad data, bad options): others go on
             self._end_training(generator, key)
@@ -412,10 +418,30 @@ class _Driver:
     def _worker_lost(self, key, chunk: list[Task], exc: Exception) -> None:
         """The worker died or its node left with `chunk` in flight: the chunk goes back in the
         queue, and the worker gets nothing more (a restarted one comes back through the pool, cold)."""
-        self.warm.discard(key)
         self.feed.requeue_lost(chunk, key, exc)
+        self._worker_down(key)
+
+    def _worker_down(self, key) -> None:
+        """The worker's process died: the pool decides whether it stays; if it does, it gets no
+        work until it answers a readiness call (Ray has restarted it, or the pool replaced it)."""
+        self.warm.discard(key)  # a restarted process starts cold
         if key in self.pool.handles:
             self.pool.lost(key)
+        if key in self.pool.handles:
+            self.returning[self.pool.handles[key].__ray_ready__.remote()] = key
+
+    def _answered(self, ref) -> None:
+        """A worker that died answered its readiness call: back at work, asked again while Ray
+        still restarts it, or given up on as dead (the pool decides, as after any death)."""
+        key = self.returning.pop(ref)
+        try:
+            ray.get(ref)
+        except ActorUnavailableError:  # still restarting: this call waited ~2 s, so ask again
+            if key in self.pool.handles:
+                self.returning[self.pool.handles[key].__ray_ready__.remote()] = key
+        except WORKER_GONE:  # dead, or its node left: a pool that keeps it sends its next chunk to find out
+            if key in self.pool.handles:
+                self.pool.lost(key)
 
     def _count_failure(self, key) -> bool:
         """Count a task the worker failed; at BLOCK_AFTER the job sends it no more. True when it
