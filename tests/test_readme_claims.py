@@ -56,15 +56,21 @@ def scrape_metrics(port: int) -> str:
         return answer.read().decode()
 
 
-def watch_gauge(port: int, name: str, label: str, value: str, seen: list, stop) -> None:
-    """Scrape every second until `stop` is set; append each value of gauge `name` whose `label`
-    is `value` (a gauge is served only while it is fresh)."""
+def farm_series(text: str) -> set[str]:
+    """Names of the farm's series in a Prometheus text exposition."""
+    return {line.split("{")[0].split()[0] for line in text.splitlines() if line.startswith("ray_sdfarm_")}
+
+
+def watch_export(port: int, served: set, losses: list, run: str, stop) -> None:
+    """Scrape every second until `stop` is set: the farm's series names served meanwhile, and each
+    value of `run`'s loss gauge (Ray serves a gauge only while it is fresh)."""
     while not stop.is_set():
         try:
             text = scrape_metrics(port)
         except OSError:  # the export is not up yet
             text = ""
-        seen.extend(v for labels, v in prometheus_series(text, name) if labels.get(label) == value)
+        served.update(farm_series(text))
+        losses.extend(v for labels, v in prometheus_series(text, "ray_sdfarm_train_loss") if labels.get("run") == run)
         stop.wait(1)
 
 
@@ -99,9 +105,9 @@ def test_render_and_training_metrics_reach_rays_metrics_export(ray_cluster, tmp_
     workers = start_workers(2, PipelineOptions(), use_gpus=True)
     port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
     # a gauge leaves the export ~20 s after it was last set (Ray drops series not reported again),
-    # so the loss is watched while the study runs; counters and histograms stay
-    losses, stop = [], threading.Event()
-    watcher = threading.Thread(target=watch_gauge, args=(port, "ray_sdfarm_train_loss", "run", "mrun", losses, stop))
+    # so the export is watched while the study runs; counters and histograms stay
+    served, losses, stop = set(), [], threading.Event()
+    watcher = threading.Thread(target=watch_export, args=(port, served, losses, "mrun", stop))
     watcher.start()
     try:
         summary = run_study(trains, evaluation.replan, folder, quiet=True, pool=workers)
@@ -159,12 +165,12 @@ def test_render_and_training_metrics_reach_rays_metrics_export(ray_cluster, tmp_
     assert losses, "no sdfarm_train_loss for this run on the metrics port"
     logged = [float(line["loss"]) for line in log]
     assert all(any(seen == pytest.approx(value, abs=1e-5) for value in logged) for seen in losses), (losses, logged)
-    # the farm's Grafana dashboard queries only series this export serves
+    # the farm's Grafana dashboard queries only series this export serves (during the run, or now)
     from farm.cluster.metrics import grafana_dashboard
 
     queried = {name for panel in grafana_dashboard()["panels"] for target in panel["targets"]
                for name in re.findall(r"ray_sdfarm_\w+", target["expr"])}
-    served = {line.split("{")[0].split()[0] for line in text.splitlines() if line.startswith("ray_sdfarm_")}
+    served.update(farm_series(text))
     assert len(queried) >= 10 and queried <= served, queried - served
 
 
