@@ -427,6 +427,10 @@ class _Driver:
         self.warm.discard(key)  # a restarted process starts cold
         if key in self.pool.handles:
             self.pool.lost(key)
+        self._ask_ready(key)
+
+    def _ask_ready(self, key) -> None:
+        """Send a worker the pool still holds a readiness call; it gets work once that answers."""
         if key in self.pool.handles:
             self.returning[self.pool.handles[key].__ray_ready__.remote()] = key
 
@@ -437,8 +441,7 @@ class _Driver:
         try:
             ray.get(ref)
         except ActorUnavailableError:  # still restarting: this call waited ~2 s, so ask again
-            if key in self.pool.handles:
-                self.returning[self.pool.handles[key].__ray_ready__.remote()] = key
+            self._ask_ready(key)
         except WORKER_GONE:  # dead, or its node left: a pool that keeps it sends its next chunk to find out
             if key in self.pool.handles:
                 self.pool.lost(key)
