@@ -61,16 +61,20 @@ def farm_series(text: str) -> set[str]:
     return {line.split("{")[0].split()[0] for line in text.splitlines() if line.startswith("ray_sdfarm_")}
 
 
+def note_export(text: str, served: set, losses: list, run: str) -> None:
+    """Add to `served` the farm's series names in one scrape, and to `losses` each value of `run`'s
+    loss gauge in it (Ray serves a gauge only while it is fresh)."""
+    served.update(farm_series(text))
+    losses.extend(v for labels, v in prometheus_series(text, "ray_sdfarm_train_loss") if labels.get("run") == run)
+
+
 def watch_export(port: int, served: set, losses: list, run: str, stop) -> None:
-    """Scrape every second until `stop` is set: the farm's series names served meanwhile, and each
-    value of `run`'s loss gauge (Ray serves a gauge only while it is fresh)."""
+    """Scrape every second until `stop` is set, noting what each scrape serves."""
     while not stop.is_set():
         try:
-            text = scrape_metrics(port)
+            note_export(scrape_metrics(port), served, losses, run)
         except OSError:  # the export is not up yet
-            text = ""
-        served.update(farm_series(text))
-        losses.extend(v for labels, v in prometheus_series(text, "ray_sdfarm_train_loss") if labels.get("run") == run)
+            pass
         stop.wait(1)
 
 
@@ -104,8 +108,13 @@ def test_render_and_training_metrics_reach_rays_metrics_export(ray_cluster, tmp_
     # workers that stay up until the scrape (the export is per worker process)
     workers = start_workers(2, PipelineOptions(), use_gpus=True)
     port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
-    # a gauge leaves the export ~20 s after it was last set (Ray drops series not reported again),
-    # so the export is watched while the study runs; counters and histograms stay
+    # a gauge reaches the export a few seconds after it was set and leaves it ~20 s after (Ray drops
+    # series not reported again), so the export is watched while the study runs and after it, until
+    # the loss and every series the dashboard queries were seen; counters and histograms stay
+    from farm.cluster.metrics import grafana_dashboard
+
+    queried = {name for panel in grafana_dashboard()["panels"] for target in panel["targets"]
+               for name in re.findall(r"ray_sdfarm_\w+", target["expr"])}
     served, losses, stop = set(), [], threading.Event()
     watcher = threading.Thread(target=watch_export, args=(port, served, losses, "mrun", stop))
     watcher.start()
@@ -118,10 +127,12 @@ def test_render_and_training_metrics_reach_rays_metrics_export(ray_cluster, tmp_
         deadline, text = time.monotonic() + 90, ""
         while time.monotonic() < deadline:  # Ray exports every few seconds
             text = scrape_metrics(port)
+            note_export(text, served, losses, "mrun")
             if (any(labels.get("run") == "mrun"
                     for labels, _ in prometheus_series(text, "ray_sdfarm_train_step_seconds_count"))
                     and any(labels.get("job") == "metrics-claim"
-                            for labels, _ in prometheus_series(text, "ray_sdfarm_images_rendered_total"))):
+                            for labels, _ in prometheus_series(text, "ray_sdfarm_images_rendered_total"))
+                    and losses and queried <= served):
                 break
             time.sleep(1)
     finally:
@@ -165,12 +176,7 @@ def test_render_and_training_metrics_reach_rays_metrics_export(ray_cluster, tmp_
     assert losses, "no sdfarm_train_loss for this run on the metrics port"
     logged = [float(line["loss"]) for line in log]
     assert all(any(seen == pytest.approx(value, abs=1e-5) for value in logged) for seen in losses), (losses, logged)
-    # the farm's Grafana dashboard queries only series this export serves (during the run, or now)
-    from farm.cluster.metrics import grafana_dashboard
-
-    queried = {name for panel in grafana_dashboard()["panels"] for target in panel["targets"]
-               for name in re.findall(r"ray_sdfarm_\w+", target["expr"])}
-    served.update(farm_series(text))
+    # the farm's Grafana dashboard queries only series this export serves (during the run or after)
     assert len(queried) >= 10 and queried <= served, queried - served
 
 
