@@ -299,8 +299,9 @@ def test_the_jobs_api_refuses_requests_without_the_token(service):
 def test_metrics_reach_the_dashboards_metrics_endpoint(service, warm_a, tmp_path):
     """While a job runs, its images (from the pool's workers) and its queue depth (from its driver)
     are on the head's metrics port. The job is this test's own: a finished job's driver takes its
-    series with it, and recycled workers theirs."""
-    job = submit(service, write_job(tmp_path, "metered", warm_a["loras"], 60, first_seed=4000))
+    series with it, and recycled workers theirs. The job is cancelled once seen: it is large enough to
+    outlive the few seconds a gauge takes to reach the export on a fast machine."""
+    job = submit(service, write_job(tmp_path, "metered", warm_a["loras"], 300, first_seed=4000))
 
     def scrape():
         with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10) as answer:
