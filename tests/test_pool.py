@@ -360,11 +360,17 @@ SILENCE_S = 30
 def test_a_driver_killed_outright_loses_its_workers_after_30_s_of_silence(service, warm_a, tmp_path):
     """kill -9 a job's driver while it holds the whole pool and another job waits: the keeper
     keeps the dead job's workers from the waiting one until the driver has been silent for 30 s
-    (its leases are only 5 s), then lends them on."""
+    (its leases are only 5 s), then lends them on. The heir is waiting at the keeper before the
+    kill, so how long its driver takes to start does not count."""
     loras = warm_a["loras"]
-    doomed = submit(service, write_job(tmp_path, "doomed", loras, 200, steps=4), "--priority", "5", "--chunk", "1")
+    # far more images than the pool renders while the heir's driver starts on a loaded machine
+    doomed = submit(service, write_job(tmp_path, "doomed", loras, 1000, steps=8), "--priority", "5", "--chunk", "1")
     service.wait_for(lambda: len(images(service, "doomed")) >= 2, what="the doomed job to render")
     heir = submit(service, write_job(tmp_path, "heir", loras[:1], 2, first_seed=3000))  # priority 0: it waits
+    waiting = service.wait_for(lambda: s if heir in (s := pool(service))["jobs"] or images(service, "heir") else None,
+                               timeout=120, what="the heir to ask the keeper for workers")
+    assert not images(service, "heir"), "the waiting job rendered while the higher-priority job held the pool"
+    assert waiting["jobs"][heir]["waiting_for"] > 0 and doomed in waiting["jobs"], waiting["jobs"]
     drivers = processes_running("farm.cli", "--job-key", doomed)
     assert drivers, "the doomed job's driver process was not found"
     for pid in drivers:
@@ -372,12 +378,7 @@ def test_a_driver_killed_outright_loses_its_workers_after_30_s_of_silence(servic
     killed = time.time()
 
     # while the dead driver is silent, the waiting job gets nothing: the keeper still lends both workers to it
-    state = service.wait_for(lambda: s if heir in (s := pool(service))["jobs"] or images(service, "heir") else None,
-                             timeout=60, what="the heir to ask the keeper for workers")
-    asked = time.time() - killed
-    assert not images(service, "heir"), f"the waiting job rendered within {asked:.0f} s of the kill"
-    assert asked < SILENCE_S - 5, f"the heir reached the keeper only {asked:.0f} s after the kill: nothing proven"
-    assert state["jobs"][heir]["waiting_for"] > 0 and doomed in state["jobs"], state["jobs"]
+    state = pool(service)
     assert [w["held_by"] for w in state["workers"].values()] == [doomed, doomed], state["workers"]
 
     assert wait_done(service, heir, timeout=SILENCE_S + 120) == "SUCCEEDED", service.farm("logs", heir).stdout[-3000:]
