@@ -61,6 +61,12 @@ def processes_running(*args: str) -> list[int]:
     return found
 
 
+def scrape_metrics(port: int) -> str:
+    """One scrape of a node's Prometheus metrics export."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        return answer.read().decode()
+
+
 def kill_marked(mark: bytes, sig=signal.SIGKILL, wait: float = 5.0) -> None:
     """Send `sig` to every process marked so and wait (up to `wait` s) until they are gone."""
     for pid in processes_marked(mark):

@@ -21,7 +21,7 @@ import pytest
 from farm.cluster.dispatch import BLOCK_AFTER
 from farm.runs.manifest import RunFolder
 
-from local_cluster import assert_exactly_once, local_cluster, processes_running, worker_nodes
+from local_cluster import assert_exactly_once, local_cluster, processes_running, scrape_metrics, worker_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -304,8 +304,7 @@ def test_metrics_reach_the_dashboards_metrics_endpoint(service, warm_a, tmp_path
     job = submit(service, write_job(tmp_path, "metered", warm_a["loras"], 300, first_seed=4000))
 
     def scrape():
-        with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10) as answer:
-            text = answer.read().decode()
+        text = scrape_metrics(service.metrics_port)
         lines = text.splitlines()
         rendered = [l for l in lines if l.startswith("ray_sdfarm_images_rendered") and 'job="metered"' in l
                     and 'status="ok"' in l and not l.rstrip().endswith(" 0.0")]

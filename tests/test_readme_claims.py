@@ -11,12 +11,11 @@ import shutil
 import signal
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from local_cluster import kill_marked
+from local_cluster import kill_marked, scrape_metrics
 
 from farm.sweep.plan import plan_job
 from farm.sweep.spec import parse_spec
@@ -49,11 +48,6 @@ def cumulative(buckets: list[tuple[dict, float]]) -> dict[float, float]:
 def expected_buckets(buckets: list[tuple[dict, float]], values: list[float]) -> dict[float, float]:
     """The same bounds filled with `values` (what the run recorded itself)."""
     return {bound: float(sum(v <= bound for v in values)) for bound in cumulative(buckets)}
-
-
-def scrape_metrics(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        return answer.read().decode()
 
 
 def farm_series(text: str) -> set[str]:
